@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import DenseCache, KVCache
+from .cache import DenseCache, KVCache, LayerKV
 from .config import ModelConfig
 
 __all__ = ["LlamaModel", "CausalLMOutput", "rope_frequencies", "apply_rope", "rotate_half", "RMSNorm"]
@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.h_kv * self.d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, key_mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, key_mask: Tensor | None,
                 want_probs: bool) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)
@@ -117,13 +117,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.h_kv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate BEFORE caching
 
-        kv = cache.update(self.layer_idx, k, v, key_mask)
+        if cache is not None:
+            kv = cache.update(self.layer_idx, k, v, key_mask)
+        else:  # no cache (training, scoring): attend over this step's keys only
+            kv = LayerKV(k, v, None if key_mask is None else key_mask[:, None, :].expand(-1, self.h_kv, -1))
         t_k = kv.k.shape[2]
-        allowed = causal_mask(t, t_k, x.device)[None, None]  # [1, 1, T, T_k]
-        if kv.key_mask is not None:
-            allowed = allowed & kv.key_mask[:, :, None, :]  # [B, H_kv, T, T_k]
-        need_probs = want_probs or cache.needs_attention(self.layer_idx)
+        need_probs = want_probs or (cache is not None and cache.needs_attention(self.layer_idx))
         g = self.h // self.h_kv
+        if need_probs or kv.key_mask is not None or t not in (1, t_k):
+            allowed = causal_mask(t, t_k, x.device)[None, None]  # [1, 1, T, T_k]
+            if kv.key_mask is not None:
+                allowed = allowed & kv.key_mask[:, :, None, :]  # [B, H_kv, T, T_k]
         if need_probs:
             # Explicit path: share K/V by index — queries grouped as [B, H_kv, G, T, D].
             qg = q.view(b, self.h_kv, g, t, self.d)
@@ -132,11 +136,20 @@ class Attention(nn.Module):
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out = torch.einsum("bkgts,bksd->bkgtd", probs, kv.v).reshape(b, self.h, t, self.d)
             probs = probs.reshape(b, self.h, t, t_k)
-            cache.observe(self.layer_idx, probs)
+            if cache is not None:
+                cache.observe(self.layer_idx, probs)
+        elif kv.key_mask is None and t == 1:  # decode: one query per head, a GEMV over the whole cache
+            qg = q.view(b, self.h_kv, g, self.d)
+            scores = torch.einsum("bkgd,bksd->bkgs", qg, kv.k) / math.sqrt(self.d)
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out = torch.einsum("bkgs,bksd->bkgd", probs, kv.v).reshape(b, self.h, 1, self.d)
+        elif kv.key_mask is None and t == t_k:  # prefill from empty: plain causal (flash path on GPU)
+            out = F.scaled_dot_product_attention(q, kv.k, kv.v, is_causal=True, enable_gqa=g > 1)
         else:
             mask = allowed if allowed.shape[1] == 1 else allowed.repeat_interleave(g, dim=1)
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(~mask, torch.finfo(q.dtype).min)
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=bias, enable_gqa=g > 1)
+        if not need_probs:
             probs = None
         out = out.transpose(1, 2).reshape(b, t, self.h * self.d)
         return self.o_proj(out), (probs if want_probs else None)
@@ -180,7 +193,7 @@ class Decoder(nn.Module):
 @dataclass
 class CausalLMOutput:
     logits: Tensor  # [B, T, vocab] (or the last `logits_to_keep` positions)
-    cache: KVCache
+    cache: KVCache | None
     attentions: list[Tensor] | None = None  # per layer [B, H, T_q, T_k] when requested
     hidden_states: list[Tensor] | None = None  # embeddings + every block's output when requested
 
@@ -190,6 +203,9 @@ class CausalLMOutput:
 # ---------------------------------------------------------------------------------------------------------
 class LlamaModel(nn.Module):
     """Llama-family causal LM.  ``forward(input_ids, attention_mask=None, position_ids=None, cache=None)``.
+
+    With ``cache=None`` a fresh :class:`DenseCache` is made and returned; ``use_cache=False`` runs without one
+    (training and scoring: each call attends over its own tokens only).
 
     ``attention_mask`` follows Hugging Face: ``[B, T_past + T_new]`` with 1 for real tokens, 0 for padding.
     Positions default to ``cumsum(mask) - 1`` so left-padded rows get the same positions as when alone.
@@ -210,13 +226,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, logits_to_keep: int = 0, output_attentions: bool = False,
-                output_hidden_states: bool = False) -> CausalLMOutput:
+                output_hidden_states: bool = False, use_cache: bool = True) -> CausalLMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if cache is None:
+        if cache is None and use_cache:
             cache = self.new_cache()
-        past = cache.seq_length(0)
+        past = cache.seq_length(0) if cache is not None else 0
         key_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past + t):
