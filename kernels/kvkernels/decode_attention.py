@@ -1,0 +1,315 @@
+"""Split-KV ("flash-decoding") GQA decode attention in Triton — the baseline every compressed kernel is compared with.
+
+Decoding computes, for one new query per head, ``out = softmax(scale · q Kᵀ) V`` over T cached tokens
+(``refimpl.attention`` is the PyTorch reference).  Per step this reads the whole cache once — 2·H_kv·T·D
+elements — and does only ~4·H_q·T·D flops, so it is **memory-bound**: the best possible time is
+``bytes(K) + bytes(V)`` divided by the memory bandwidth.  Two ideas get there:
+
+1. **Online softmax** (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022, Alg. 1).  Walk the keys in
+   tiles of BLOCK_N, keeping per query row a running max m, running denominator ℓ and running output a:
+
+       m' = max(m, max_j s_j),   ℓ' = e^{m − m'} ℓ + Σ_j e^{s_j − m'},   a' = e^{m − m'} a + Σ_j e^{s_j − m'} v_j
+
+   so each K/V tile is read exactly once and never written back.  We work in base 2 (``exp2``) with the scale
+   folded into ``log2(e) · scale``; the log-sum-exp is ``(m + log2 ℓ) · ln 2``.
+
+2. **Split-KV** (Flash-Decoding, Dao, Haziza, Massa & Sizov 2023).  One query row per (batch, head) is far too
+   little parallelism to fill a GPU, so the T tokens are cut into ``num_splits`` ranges handled by different
+   programs (phase 1), each writing a partial output o_s and its log-sum-exp L_s; phase 2 combines them with
+
+       L = log Σ_s e^{L_s},     out = Σ_s e^{L_s − L} o_s.
+
+**GQA** (Ainslie et al. 2023): a phase-1 program owns one (batch, kv_head, split) and *all G query heads of that
+group*: the G queries form the rows of a ``[BLOCK_G, D]`` tile, so every K/V tile is loaded once for the whole
+group and multiplied with ``tl.dot``.  Loading K/V once per query head instead would multiply memory traffic by G.
+
+Layout: ``q [B, H_q, D]``, ``k, v [B, H_kv, T, D]`` (the ``refimpl.cache`` layout), any strides — no
+``.contiguous()`` copies.  Offsets that can exceed 2³¹ elements (batch and head offsets, token offsets times a
+large stride) are formed in int64.  ``seq_lens [B]`` gives per-row lengths (ragged batches, eviction caches);
+values outside ``[0, T]`` are clamped (no host synchronisation, so the call can be captured in a CUDA graph).
+``key_mask [B, T]`` or ``[B, H_kv, T]`` (bool) masks individual entries.  A row with no valid key returns 0 and
+LSE −inf, like the reference.
+
+Numerics: fp32 accumulation and softmax statistics always.  Compiled fp16/bf16 kernels feed K, V (and the
+probabilities, rounded to the input type, as FlashAttention does) to tensor-core ``tl.dot``; fp32 inputs use
+IEEE fp32 dots.  Under ``TRITON_INTERPRET=1`` fp16 takes the same path, bf16 tiles are upcast to fp32 (NumPy has
+no bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from refimpl.attention import check_decode_inputs
+
+from ._utils import cdiv, check_launchable, compute_in_fp32, interpreting, next_power_of_2, num_sms
+
+__all__ = [
+    "MAX_GROUP_SIZE",
+    "MAX_HEAD_DIM",
+    "DecodeConfig",
+    "choose_num_splits",
+    "decode_attention",
+    "default_config",
+]
+
+MAX_GROUP_SIZE = 128  # query heads per KV head held as rows of one tile
+MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
+
+# Split heuristic: launch about this many phase-1 programs per SM so that enough loads are in flight to hide
+# memory latency, but give each split at least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q,
+# write a partial row) stays small next to the K/V it streams.
+PROGRAMS_PER_SM = 4
+MIN_TILES_PER_SPLIT = 2
+MAX_SPLITS = 128
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of phase 1: tokens per tile, warps per program, software-pipelining depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.block_n not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_n must be one of (16, 32, 64, 128, 256); got {self.block_n!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages must be an int in [1, 8]; got {self.num_stages!r}")
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """One fixed configuration per head size / dtype (a single small one under the interpreter).
+
+    Tiles of ~16 KB per K (or V) tile: BLOCK_N · D · bytes ≈ 16 KB, three pipeline stages.
+    """
+    if interpreting():
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    block_d = max(16, next_power_of_2(head_dim))
+    block_n = max(16, min(128, 16384 // (block_d * elem)))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if block_d <= 128 else 2)
+
+
+def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:
+    """How many token ranges to cut each (batch, kv_head) into: enough programs to fill ``sms`` SMs."""
+    tiles = cdiv(max(tokens, 1), block_n)
+    want = cdiv(PROGRAMS_PER_SM * sms, max(batch * kv_heads, 1))
+    return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 1: one program per (split, kv_head, batch) streams its token range for all G query heads.
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _split_kv_kernel(
+    Q, K, V, KeyMask, SeqLens, MidO, MidLse,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_mb, stride_mh, stride_mt,
+    T, tokens_per_split, qk_scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, FP32: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)  # int64 before any multiplication by a stride
+    b = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(0)
+    h_q = tl.num_programs(1) * G
+
+    length = T
+    if HAS_LENS:
+        length = tl.minimum(tl.maximum(tl.load(SeqLens + b).to(tl.int32), 0), T)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, length)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    d_ok = offs_d < HEAD_DIM
+
+    # The G query heads of this KV head are rows kvh*G .. kvh*G+G-1 of q[b]: one [BLOCK_G, BLOCK_D] tile.
+    heads = kvh * G + offs_g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP32:
+        q = q.to(tl.float32)
+
+    # Pointers to the first tile of this split; the scalar int64 part carries the large offsets.
+    start64 = start.to(tl.int64)
+    k_ptrs = (K + b * stride_kb + kvh * stride_kh + start64 * stride_kt
+              + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b * stride_vb + kvh * stride_vh + start64 * stride_vt
+              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+    m_ptrs = KeyMask + b * stride_mb + kvh * stride_mh + start64 * stride_mt + offs_n * stride_mt
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_G], tl.float32)  # running denominator
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running un-normalised output
+    for n0 in range(start, end, BLOCK_N):
+        n_ok = (n0 + offs_n) < end
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale_log2  # [BLOCK_G, BLOCK_N], log2 units
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptrs, mask=n_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_MASK:  # a fully masked tile leaves m_new = -inf; shift by 0 instead to avoid inf - inf
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)
+        p = tl.exp2(s - m_new_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+        m_ptrs += BLOCK_N * stride_mt
+
+    # Partial result of this split: normalised output and its log2-sum-exp (-inf for an empty split).
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    rows = (b * h_q + heads) * num_splits + split  # MidLse is [B, H_q, num_splits], MidO adds HEAD_DIM
+    tl.store(MidLse + rows, lse2, mask=g_ok)
+    tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 2: one program per (query head, batch) merges the num_splits partial results.
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _combine_kernel(
+    MidO, MidLse, Out, Lse,
+    stride_ob, stride_oh, stride_od,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    row = b * tl.num_programs(0) + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the L_s (a scalar)
+    den = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running Σ e^{L_s - m}
+    acc = tl.zeros([BLOCK_D], tl.float32)  # running Σ e^{L_s - m} o_s
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = (s0 + offs_s) < num_splits
+        idx = row * num_splits + s0 + offs_s
+        lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"))  # [BLOCK_S] log2 units
+        o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # [BLOCK_S]; 0 for empty splits
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
+    has = den > 0.0
+    out = acc / tl.where(has, den, 1.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+    lse_nat = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + row, lse_nat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python entry point
+# ---------------------------------------------------------------------------------------------------------
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None,
+                     seq_lens: Tensor | None = None, scale: float | None = None, num_splits: int | None = None,
+                     return_lse: bool = False, config: DecodeConfig | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Split-KV decode attention; same contract as :func:`refimpl.attention.decode_attention`.
+
+    Args:
+        q: ``[B, H_q, D]``; k, v: ``[B, H_kv, T, D]`` with ``H_kv | H_q``; fp32, fp16 or bf16; any strides.
+        key_mask: optional bool ``[B, T]`` or ``[B, H_kv, T]``, True = may attend.
+        seq_lens: optional int ``[B]``; row b attends to positions ``< seq_lens[b]`` (clamped to ``[0, T]``).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        num_splits: token ranges per (batch, kv_head); default from :func:`choose_num_splits`.
+        return_lse: also return the natural-log log-sum-exp ``[B, H_q]`` (fp32).
+        config: launch parameters; default :func:`default_config`.
+    """
+    b, h_q, h_kv, t, d = check_decode_inputs(q, k, v, key_mask, seq_lens, scale)
+    g = h_q // h_kv
+    if g > MAX_GROUP_SIZE:
+        raise ValueError(f"group size q_heads/kv_heads = {g} is not supported; it must be <= {MAX_GROUP_SIZE}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}; got {d}")
+    if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ or h_q > MAX_GRID_YZ:
+        raise ValueError(f"batch and heads must each be <= {MAX_GRID_YZ}; got batch {b}, q_heads {h_q}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= 65535):
+        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig or None; got {type(config).__name__}")
+    check_launchable(*(x for x in (q, k, v, key_mask, seq_lens) if x is not None))
+
+    out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
+    if b == 0 or t == 0:  # nothing to attend to
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+
+    cfg = config or default_config(d, q.dtype)
+    if num_splits is None:
+        splits = choose_num_splits(b, h_kv, t, cfg.block_n, num_sms(q.device))
+        tokens_per_split = cdiv(cdiv(t, cfg.block_n), splits) * cfg.block_n  # tile-aligned ranges
+        splits = cdiv(t, tokens_per_split)
+    else:
+        splits = num_splits
+        tokens_per_split = cdiv(t, splits)  # exactly num_splits ranges; trailing ones may be empty
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
+    if key_mask is not None:
+        mask = key_mask.view(torch.uint8)  # same bytes; Triton loads uint8 portably
+        sm = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask.dim() == 3 else (mask.stride(0), 0, mask.stride(1))
+    else:
+        mask, sm = q, (0, 0, 0)  # never read (HAS_MASK=False)
+    lens = seq_lens if seq_lens is not None else q  # never read (HAS_LENS=False)
+
+    block_d = max(16, next_power_of_2(d))
+    _split_kv_kernel[(splits, h_kv, b)](
+        q, k, v, mask, lens, mid_o, mid_lse,
+        *q.stride(), *k.stride(), *v.stride(), *sm,
+        t, tokens_per_split, scale * _LOG2E,
+        G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _combine_kernel[(h_q, b)](
+        mid_o, mid_lse, out, lse, *out.stride(), splits,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), num_warps=4 if d >= 128 else 2,
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,49 @@
+"""Kernel tests run compiled on a CUDA GPU, or through Triton's interpreter on the CPU.
+
+Triton decides interpreted vs compiled when a ``@triton.jit`` function is *defined*, i.e. when ``kvkernels`` is
+imported, so the choice is made here, before any test module imports it: without a GPU (and without an explicit
+``TRITON_INTERPRET`` in the environment) we switch the interpreter on.  On a GPU, leave ``TRITON_INTERPRET``
+unset to test the compiled kernels (``scripts/gpu_validate.sh`` does).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+from kvkernels._utils import interpreting, kernel_device
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU running compiled Triton kernels (skipped elsewhere)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mode = "interpreted (TRITON_INTERPRET=1)" if interpreting() else "compiled"
+    dev = torch.cuda.get_device_name() if kernel_device().type == "cuda" else "cpu"
+    return f"kvkernels: Triton kernels {mode} on {dev}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if kernel_device().type == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with compiled Triton kernels")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel inputs live in this run: ``cuda`` (compiled) or ``cpu`` (interpreter)."""
+    return kernel_device()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
