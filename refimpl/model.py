@@ -275,8 +275,8 @@ class LlamaModel(nn.Module):
                 nxt = nxt.masked_fill(done, eos_token_id)
                 done |= nxt == eos_token_id
             new.append(nxt)
-            if eos_token_id is not None and bool(done.all()):
-                break
+            if len(new) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break  # the last token is returned, not fed back
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
             out = self(nxt[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)

@@ -1,0 +1,81 @@
+"""The data setting, the book split, and the hub fallback error."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+
+import pytest
+
+from refimpl import data
+
+
+def _write_corpus(folder, books):
+    folder.mkdir(parents=True, exist_ok=True)
+    with lzma.open(folder / "mini.txt.xz", "wt", encoding="utf-8") as f:
+        for _, _, text in books:
+            f.write(text + "\n" + data.SEPARATOR)
+    with gzip.open(folder / "mini_index.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write("n\tpg_ebook_no\ttitle\tauthor\tsource_path\tblob_sha1\tbyte_offset\tbytes\tchars\n")
+        for i, (pg, title, text) in enumerate(books):
+            f.write(f"{i}\t{pg}\t{title}\tAnon\tx\ty\t0\t{len(text)}\t{len(text)}\n")
+    return folder
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    held = next(iter(data.HELDOUT_PG_NUMBERS))
+    return _write_corpus(tmp_path / "books", [(1, "One", "first book text"), (held, "Held", "held out text"),
+                                             (2, "Two", "second book text")])
+
+
+def test_split_by_book(corpus):
+    train = data.load_books("train", corpus)
+    held = data.load_books("heldout", corpus)
+    assert [b.title for b in train] == ["One", "Two"]
+    assert [b.title for b in held] == ["Held"]
+    assert {b.pg_number for b in train}.isdisjoint(data.HELDOUT_PG_NUMBERS)
+    assert len(data.load_books("all", corpus)) == 3
+    assert train[0].text.startswith("first book text")
+
+
+def test_env_setting_is_read(corpus, monkeypatch):
+    monkeypatch.setenv(data.DATA_ENV, str(corpus))
+    assert data.data_dir() == corpus
+    assert data.heldout_text().startswith("held out text")
+    assert data.heldout_text(4) == "held"
+
+
+def test_load_corpus_is_a_datasets_dataset(corpus):
+    ds = data.load_corpus("train", corpus)
+    assert ds.column_names == ["pg_number", "title", "author", "text"]
+    assert ds.num_rows == 2
+
+
+def test_setting_pointing_nowhere_says_which_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "missing"))
+    with pytest.raises(data.DataNotFoundError, match=data.DATA_ENV):
+        data.load_books()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "empty"))
+    with pytest.raises(data.DataNotFoundError, match=r"no \*\.txt\.xz"):
+        data.load_books()
+
+
+def test_no_setting_and_no_hub_names_the_setting(monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(data.DataNotFoundError, match=data.DATA_ENV):
+        data.load_books(hub_name="kvcourse/definitely-not-a-dataset")
+
+
+def test_bad_split(corpus):
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load_books("validation", corpus)
+
+
+@pytest.mark.skipif(data.data_dir() is None, reason="KVCOURSE_DATA_DIR not set")
+def test_shared_corpus_heldout_books_present():
+    held = data.load_books("heldout")
+    assert {b.pg_number for b in held} == set(data.HELDOUT_PG_NUMBERS)
