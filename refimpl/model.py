@@ -307,7 +307,12 @@ class LlamaModel(nn.Module):
             model = cls(cfg)
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        model.load_state_dict(state, strict=False, assign=True)
+        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+        if unexpected:
+            raise ValueError(f"checkpoint {path!r} has tensors this {cfg.model_type} architecture does not use "
+                             f"(unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); is its "
+                             f"model_type right?")
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -353,3 +353,20 @@ def test_decode_speed_rejects(ref):
         decode_speed(ref, prompt_len=4, new_tokens=0)
     with pytest.raises(ValueError, match=r"device must be where the model lives \(cpu\); got meta"):
         decode_speed(ref, prompt_len=4, new_tokens=1, device="meta")
+
+
+def test_from_pretrained_rejects_unexpected_tensors(tmp_path):
+    """A qwen2 checkpoint relabelled as llama must not load with its q/k/v biases silently dropped."""
+    import json
+
+    from refimpl import LlamaModel, ModelConfig
+
+    torch.manual_seed(0)
+    m = LlamaModel(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=4, model_type="qwen2", qkv_bias=True, tie_word_embeddings=False))
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unexpected"):
+        LlamaModel.from_pretrained(tmp_path)
