@@ -2,7 +2,13 @@
 
 from .cache import DenseCache, KVCache, LayerKV
 from .config import ModelConfig
+from .h2o import H2OCache
+from .kivi import KIVICache, NaiveQuantCache
 from .model import LlamaModel
+from .pyramidkv import PyramidKVCache
+from .snapkv import SnapKVCache
+from .streaming import StreamingLLMCache
 
-__all__ = ["DenseCache", "KVCache", "LayerKV", "ModelConfig", "LlamaModel"]
+__all__ = ["DenseCache", "H2OCache", "KIVICache", "KVCache", "LayerKV", "LlamaModel", "ModelConfig",
+           "NaiveQuantCache", "PyramidKVCache", "SnapKVCache", "StreamingLLMCache"]
 __version__ = "0.1.0"

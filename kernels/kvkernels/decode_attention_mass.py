@@ -1,0 +1,252 @@
+"""Decode attention that also emits every key's attention mass — H2O's accumulator update, fused.
+
+H2O (Zhang et al. 2023, arXiv 2306.14048) scores each cached token by the attention it has received,
+``score_j += Σ_{g in group} p_{g,j} / G`` after every decoding step (eq. (1) of :mod:`refimpl.h2o`, with the
+GQA group mean of :mod:`refimpl.eviction`).  Done naively in PyTorch this needs the explicit probabilities:
+``s = q Kᵀ`` → mask → ``softmax`` (fp32) → ``p V`` and ``p.sum`` — several full passes, and it rules out a fused
+attention kernel.  Here one split-KV decode kernel (see :mod:`kvkernels.decode_attention` for the online softmax
+and the split/combine algebra) produces both the output and the mass:
+
+* **phase 1**, one program per (split, KV head, batch), all G query heads of the group as rows of one tile:
+  the usual online-softmax pass over its token range, which also stores the raw logit of every (query head,
+  key) — ``s = scale · log2(e) · ⟨q, k⟩`` in fp32, −∞ for masked keys.  That is 4 bytes per query head per key,
+  against 2·D·bytes(dtype) for reading K and V (for D = 128 in fp16: 4·G bytes vs 512, i.e. ~3% at G = 4);
+* **phase 2** is :mod:`kvkernels.decode_attention`'s combine kernel: output and log-sum-exp L per query head;
+* **phase 3**, one program per (token block, KV head, batch): ``p = 2^{s − L·log2 e}`` for the G rows, reduced
+  over the group (mean or max), optionally added in place to the running H2O scores.
+
+The probabilities are never materialised and K is never read twice (re-reading K instead of storing logits
+would cost another D·bytes(dtype) per key — 16× the logits for D = 128, fp16, G = 4).
+
+Layout as in :mod:`refimpl.cache`: ``q [B, H_q, D]``, ``k, v [B, H_kv, N, D]`` (any strides), ``key_mask``
+``[B, N]`` or ``[B, H_kv, N]`` bool (per-head holes left by eviction, padding).  PyTorch reference:
+:func:`refimpl.h2o.decode_attention_with_mass`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from refimpl.attention import check_decode_inputs
+from refimpl.eviction import GQA_REDUCTIONS, check_choice
+
+from ._utils import cdiv, check_launchable, compute_in_fp32, next_power_of_2, num_sms
+from .decode_attention import (
+    MAX_GRID_YZ,
+    MAX_GROUP_SIZE,
+    MAX_HEAD_DIM,
+    DecodeConfig,
+    _combine_kernel,
+    choose_num_splits,
+    default_config,
+)
+
+__all__ = ["decode_attention_mass"]
+
+_LOG2E = 1.4426950408889634
+_MASS_BLOCK_N = 128  # tokens per phase-3 program (it only reads G logits per token)
+
+
+@triton.jit
+def _split_kv_logits_kernel(
+    Q, K, V, KeyMask, MidO, MidLse, Logits,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_mb, stride_mh, stride_mt,
+    T, tokens_per_split, qk_scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(0)
+    h_q = tl.num_programs(1) * G
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, T)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    d_ok = offs_d < HEAD_DIM
+    heads = kvh * G + offs_g  # the G query heads of this KV head
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if FP32:
+        q = q.to(tl.float32)
+
+    start64 = start.to(tl.int64)
+    k_ptrs = (K + b * stride_kb + kvh * stride_kh + start64 * stride_kt
+              + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b * stride_vb + kvh * stride_vh + start64 * stride_vt
+              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+    m_ptrs = KeyMask + b * stride_mb + kvh * stride_mh + start64 * stride_mt + offs_n * stride_mt
+    # Logits is [B, H_q, T] contiguous fp32: row (b, head) starts at (b * h_q + head) * T
+    l_ptrs = Logits + (b * h_q + heads)[:, None] * T + start64 + offs_n[None, :]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n_ok = (n0 + offs_n) < end
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale_log2
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptrs, mask=n_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        tl.store(l_ptrs, s, mask=g_ok[:, None] & n_ok[None, :])  # the only extra work vs plain decode
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+        m_ptrs += BLOCK_N * stride_mt
+        l_ptrs += BLOCK_N
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    rows = (b * h_q + heads) * num_splits + split  # same layout as decode_attention's phase 1
+    tl.store(MidLse + rows, lse2, mask=g_ok)
+    tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _mass_kernel(
+    Logits, Lse, Mass,
+    stride_ab, stride_ah, stride_at,
+    T,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_MAX: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    h_q = tl.num_programs(1) * G
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    n_ok = offs_n < T
+    heads = kvh * G + offs_g
+    lse2 = tl.load(Lse + b * h_q + heads, mask=g_ok, other=float("-inf")) * 1.4426950408889634
+    s = tl.load(Logits + (b * h_q + heads)[:, None] * T + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :],
+                other=float("-inf"))
+    # p = 2^(s - L); a row with no valid key has L = -inf and all s = -inf: give 0, not NaN
+    ok = (s != float("-inf")) & (lse2 != float("-inf"))[:, None]
+    p = tl.where(ok, tl.exp2(tl.where(ok, s, 0.0) - tl.where(ok, lse2[:, None], 0.0)), 0.0)
+    if REDUCE_MAX:
+        mass = tl.max(p, 0)
+    else:
+        mass = tl.sum(p, 0) / G
+    a_ptrs = Mass + b * stride_ab + kvh * stride_ah + offs_n * stride_at
+    if ACCUMULATE:
+        mass += tl.load(a_ptrs, mask=n_ok, other=0.0)
+    tl.store(a_ptrs, mass, mask=n_ok)
+
+
+def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None,
+                          scale: float | None = None, gqa_reduce: str = "mean", accumulate_into: Tensor | None = None,
+                          num_splits: int | None = None, config: DecodeConfig | None = None) -> tuple[Tensor, Tensor]:
+    """One decode step of attention plus each key's attention mass per KV head.
+
+    Args:
+        q: ``[B, H_q, D]``; k, v: ``[B, H_kv, N, D]``, ``H_kv | H_q``; fp32, fp16 or bf16; any strides.
+        key_mask: optional bool ``[B, N]`` or ``[B, H_kv, N]``, True = may attend.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        gqa_reduce: ``"mean"`` or ``"max"`` over the G query heads of a KV head.
+        accumulate_into: optional fp32 ``[B, H_kv, N]`` running scores; the mass is **added** to it in place
+            and it is returned as the mass (H2O's accumulator update, no extra pass).
+        num_splits, config: as in :func:`kvkernels.decode_attention.decode_attention`.
+
+    Returns ``(out [B, H_q, D] in q's dtype, mass [B, H_kv, N] fp32)``; same contract as
+    :func:`refimpl.h2o.decode_attention_with_mass`.
+    """
+    b, h_q, h_kv, n, d = check_decode_inputs(q, k, v, key_mask, None, scale)
+    check_choice("gqa_reduce", gqa_reduce, GQA_REDUCTIONS)
+    g = h_q // h_kv
+    if g > MAX_GROUP_SIZE:
+        raise ValueError(f"group size q_heads/kv_heads = {g} is not supported; it must be <= {MAX_GROUP_SIZE}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}; got {d}")
+    if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
+        raise ValueError(f"batch and kv_heads must each be <= {MAX_GRID_YZ}; got batch {b}, kv_heads {h_kv}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= 65535):
+        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
+    if accumulate_into is not None:
+        if (not isinstance(accumulate_into, Tensor) or accumulate_into.dtype != torch.float32
+                or tuple(accumulate_into.shape) != (b, h_kv, n) or accumulate_into.device != q.device):
+            raise ValueError(f"accumulate_into must be a float32 tensor of shape {(b, h_kv, n)} on {q.device}; got "
+                             f"{getattr(accumulate_into, 'dtype', type(accumulate_into))} "
+                             f"{tuple(getattr(accumulate_into, 'shape', ()))}")
+    check_launchable(*(x for x in (q, k, v, key_mask, accumulate_into) if x is not None))
+
+    out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
+    mass = accumulate_into if accumulate_into is not None else torch.empty((b, h_kv, n), dtype=torch.float32,
+                                                                           device=q.device)
+    if b == 0 or n == 0:
+        out.zero_()
+        return out, mass
+
+    cfg = config or default_config(d, q.dtype)
+    if num_splits is None:
+        splits = choose_num_splits(b, h_kv, n, cfg.block_n, num_sms(q.device))
+        tokens_per_split = cdiv(cdiv(n, cfg.block_n), splits) * cfg.block_n
+        splits = cdiv(n, tokens_per_split)
+    else:
+        splits = num_splits
+        tokens_per_split = cdiv(n, splits)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
+    logits = torch.empty((b, h_q, n), dtype=torch.float32, device=q.device)
+    if key_mask is not None:
+        mask = key_mask.view(torch.uint8)
+        sm = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask.dim() == 3 else (mask.stride(0), 0, mask.stride(1))
+    else:
+        mask, sm = q, (0, 0, 0)  # never read
+    block_g = max(16, next_power_of_2(g))
+    block_d = max(16, next_power_of_2(d))
+    _split_kv_logits_kernel[(splits, h_kv, b)](
+        q, k, v, mask, mid_o, mid_lse, logits,
+        *q.stride(), *k.stride(), *v.stride(), *sm,
+        n, tokens_per_split, scale * _LOG2E,
+        G=g, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        HAS_MASK=key_mask is not None, FP32=compute_in_fp32(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _combine_kernel[(h_q, b)](
+        mid_o, mid_lse, out, lse, *out.stride(), splits,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), num_warps=4 if d >= 128 else 2,
+    )
+    block_n = _MASS_BLOCK_N
+    _mass_kernel[(cdiv(n, block_n), h_kv, b)](
+        logits, lse, mass, *mass.stride(), n,
+        G=g, BLOCK_G=next_power_of_2(g), BLOCK_N=block_n, REDUCE_MAX=gqa_reduce == "max",
+        ACCUMULATE=accumulate_into is not None, num_warps=4,
+    )
+    return out, mass

@@ -1,0 +1,437 @@
+"""Decode attention that reads KIVI's packed 2/4/8-bit codes directly (Liu et al. 2024, arXiv 2402.02750, §3.3:
+"fuse the dequantization with the matrix multiplication").
+
+A decode step is memory-bound: it streams the whole cache once per token (``kvkernels.decode_attention``).  KIVI-2
+stores B + 32/G = 3 bits per element instead of 16 (G = 32), so a kernel that *reads the codes* and dequantizes in
+registers moves ~5x fewer bytes.  Dequantizing to fp16 in memory first and then calling attention would read the
+codes, write fp16, and read fp16 again: slower than not quantizing at all.
+
+Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along channels, token-major):
+
+    keys   (per channel)  codes [B, H_kv, N_k, D/F]  scale, zero [B, H_kv, N_k/G, D]  residual [B, H_kv, T − N_k, D]
+    values (per token)    codes [B, H_kv, N_v, D/F]  scale, zero [B, H_kv, N_v, D/G]  residual [B, H_kv, T − N_v, D]
+
+Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
+
+The algebra that keeps the inner loop short (≈ one shift, one logic op and one multiply-add per code — counted in
+the compiled SASS for sm_90, not measured on a GPU here):
+
+* **Codes as floats without a conversion instruction.**  Rotating a word so that code c sits at the top of an fp32
+  mantissa and OR-ing the exponent bits of 1.0 gives f = 1 + c·2^−B exactly, so c = 2^B (f − 1).
+* **Keys.**  A tile of BLOCK_T tokens lies inside one key group (BLOCK_T | G), so channel d has one scale s_d and
+  zero z_d for the whole tile, and
+
+      q·k̂_t = Σ_d q_d (s_d c_td + z_d) = Σ_d (2^B q_d s_d) f_td + Σ_d (q_d z_d − 2^B q_d s_d)
+
+  — the per-channel factor and the constant are computed once per tile; each code costs one multiply-add.
+* **Values** (per-token scale s_{t,g(d)}): p_t v̂_td = (2^B p_t s_{t,g}) f_td + p_t (z_{t,g} − 2^B s_{t,g}).  The
+  first term accumulates elementwise in a ``[BLOCK_T, D]`` register accumulator (one multiply-add per code), the
+  second per packed word; both are reduced over tokens once, at the end.  The running softmax rescales the
+  accumulators only when the running maximum grows.
+* **Layout.**  Tiles are ``[tokens, words, 2, …, 2]``: the code-in-word axis is built with ``tl.join``, which keeps
+  it inside one thread, so a word is unpacked where it was loaded and the q·k sum over channels is mostly in-thread
+  (Triton's default layout would spread it over lanes and pay shuffles per token).
+
+Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) handles a token range and writes a
+partial output with its log2-sum-exp; ``kvkernels.decode_attention``'s combine kernel merges them.  Each query head
+re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
+The bulk of a range (tokens with both key and value quantized) runs a branch-free loop; the short tail (the
+residuals and the value-quantization boundary) a general one.  Offsets that scale with batch, heads or tokens are
+int64.  Accumulation is fp32; under ``TRITON_INTERPRET=1`` everything is fp32 anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from refimpl.attention import decode_attention as ref_decode_attention
+from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
+
+from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms
+from .decode_attention import _combine_kernel, choose_num_splits
+
+__all__ = ["KIVIDecodeConfig", "kivi_cache_attention", "kivi_decode_attention", "kivi_decode_attention_ref"]
+
+_LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KIVIDecodeConfig:
+    """Launch parameters: tokens per tile (must divide group_size), warps, pipelining depth."""
+
+    block_t: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.block_t not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_t must be one of (8, 16, 32, 64, 128); got {self.block_t!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"num_stages must be an int in [1, 8]; got {self.num_stages!r}")
+
+
+def default_config(group_size: int) -> KIVIDecodeConfig:
+    if interpreting():
+        return KIVIDecodeConfig(block_t=min(group_size, 16), num_warps=4, num_stages=1)
+    return KIVIDecodeConfig(block_t=min(group_size, 32), num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _rotr(x, n: tl.constexpr):
+    """Rotate uint32 ``x`` right by ``n`` bits (one funnel-shift instruction)."""
+    n2: tl.constexpr = n % 32
+    if n2 == 0:
+        return x
+    else:
+        return (x >> n2) | (x << (32 - n2))
+
+
+@triton.jit
+def _split_words(x, BITS: tl.constexpr, CPW: tl.constexpr):
+    """int32 words ``[..., W]`` → uint32 ``[..., W, 2, …, 2]`` (log2(CPW) axes of 2): copies of each word, rotated
+    so that code j sits at bits 23−B … 22 (the top of an fp32 mantissa), at index (i_1, …, i_L) with
+    j = Σ_l i_l·2^(L−l).
+
+    ``tl.join`` adds a minor axis of 2 *within the thread*, so a thread unpacks whole words in its own registers —
+    no data exchange between threads, no reshape.  The rotations compose along the tree: one per code."""
+    SH: tl.constexpr = BITS * CPW // 2
+    x = _rotr(x.to(tl.uint32, bitcast=True), 32 - (23 - BITS))  # code 0 to bits 23-B .. 22
+    for lvl in tl.static_range(0, 5):
+        if (1 << lvl) < CPW:
+            x = tl.join(x, _rotr(x, SH >> lvl))
+    return x
+
+
+@triton.jit
+def _split_channels(d, CPW: tl.constexpr):
+    """Channel index of code 0 of each word ``[..., W]`` → the channel of every code, laid out like
+    :func:`_split_words`."""
+    for lvl in tl.static_range(0, 5):
+        if (1 << lvl) < CPW:
+            d = tl.join(d, d + ((CPW // 2) >> lvl))
+    return d
+
+
+@triton.jit
+def _expand_codes(x, CPW: tl.constexpr):
+    """Add the log2(CPW) trailing axes of :func:`_split_words` (size 1, for broadcasting)."""
+    for lvl in tl.static_range(0, 5):
+        if (1 << lvl) < CPW:
+            x = tl.expand_dims(x, len(x.shape))
+    return x
+
+
+@triton.jit
+def _sum_codes(x, CPW: tl.constexpr):
+    """Sum over the log2(CPW) trailing axes of :func:`_split_words` (in-thread adds)."""
+    for lvl in tl.static_range(0, 5):
+        if (1 << lvl) < CPW:
+            x = tl.sum(x, len(x.shape) - 1)
+    return x
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """int32 words ``[T, W]`` → fp32 ``f = 1 + c·2^−B`` for every code c, shaped like :func:`_split_words`.
+
+    Setting the exponent bits of 1.0 over a code placed at the top of the mantissa makes the float without an
+    int→float conversion; callers fold c = 2^B (f − 1) into their scales (one multiply-add per code)."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    f = (_split_words(words, BITS, CPW) & MASK) | 0x3F800000
+    return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """The codes c themselves (fp32), for the tail loop where speed does not matter."""
+    return (_unpack(words, BITS, CPW) - 1.0) * (1 << BITS)
+
+
+@triton.jit
+def _kivi_split_kernel(
+    Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse,
+    sq_b, sq_h, sq_d,
+    skc_b, skc_h, skc_t, skc_w,
+    sks_b, sks_h, sks_g, sks_d,
+    skr_b, skr_h, skr_t, skr_d,
+    svc_b, svc_h, svc_t, svc_w,
+    svs_b, svs_h, svs_t, svs_g,
+    svr_b, svr_h, svr_t, svr_d,
+    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
+    GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
+    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # Tiles are [BLOCK_T, BLOCK_W, 2, …, 2]: token, packed word, then the code's position in its word split
+    # into binary axes by tl.join (see _split_words).  Every thread unpacks and multiplies whole words in its own
+    # registers; q·k sums a word's codes in-thread before any cross-lane reduction.
+    split = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = h // GQ
+    num_splits = tl.num_programs(0)
+    h_q = tl.num_programs(1)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, T)
+
+    tt = tl.arange(0, BLOCK_T)
+    w1 = tl.arange(0, BLOCK_W)
+    w2 = w1[None, :]  # [1, BLOCK_W]
+    w_ok2 = w2 < WORDS
+    dd = _split_channels(w2 * CPW, CPW)  # [1, BLOCK_W, 2, …] channel of every code
+    d_ok = _expand_codes(w_ok2, CPW)
+    vgrp2 = w2 // WPG  # value group of each word
+
+    q = tl.load(Q + b * sq_b + h * sq_h + dd * sq_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale_log2
+    kc_base = KC + b * skc_b + kvh * skc_h
+    ks_base = KS + b * sks_b + kvh * sks_h
+    kz_base = KZ + b * sks_b + kvh * sks_h
+    kr_base = KR + b * skr_b + kvh * skr_h
+    vc_base = VC + b * svc_b + kvh * svc_h
+    vs_base = VS + b * svs_b + kvh * svs_h
+    vz_base = VZ + b * svs_b + kvh * svs_h
+    vr_base = VR + b * svr_b + kvh * svr_h
+
+    m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)  # running max (log2 units), a scalar
+    l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)  # running denominator
+    # running Σ_t p_t v_t, reduced over t at the end; built by _unpack so that it gets _unpack's register layout
+    acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), BITS, CPW) * 0.0
+    acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t of the per-word terms, added to every code at the end
+
+    # ---- bulk: key and value both quantized; every tile lies inside one key group (BLOCK_T | G) ----------------
+    for t0 in range(start, tl.minimum(end, BULK), BLOCK_T):
+        t = (t0 + tt).to(tl.int64)[:, None]  # [BLOCK_T, 1]
+        g = t0 // G
+        ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
+        # q·k̂ = Σ_d q s (c) + q z  with c = 2^B (f − 1):  Σ_d (2^B q s) f + Σ_d (q z − 2^B q s)
+        qs = q * ks * (1 << BITS)
+        bias = tl.sum(_sum_codes(q * kz - qs, CPW), 1)  # [1]
+        kw = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok2, other=0)  # [BLOCK_T, BLOCK_W]
+        s = tl.sum(_sum_codes(_unpack(kw, BITS, CPW) * qs, CPW), 1) + bias
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        if m_new > m_i:  # rescale the running sums only when the running max grows (rare after the first tiles)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha
+            acc_z = acc_z * alpha
+            m_i = m_new
+        p = tl.exp2(s - m_i)  # [BLOCK_T]
+        l_i = l_i + tl.sum(p, 0)
+        vw = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok2, other=0)  # [BLOCK_T, BLOCK_W]
+        vs = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0).to(tl.float32)
+        # p v̂ = p (s c + z) = (2^B p s) f + p (z − 2^B s): the second term is per word, kept in acc_z
+        ps = p[:, None] * vs * (1 << BITS)  # [BLOCK_T, BLOCK_W]
+        acc_z += p[:, None] * vz - ps
+        acc += _unpack(vw, BITS, CPW) * _expand_codes(ps, CPW)
+
+    # ---- tail: residual keys and/or values, and the tile where value quantization ends ------------------------
+    for t0 in range(tl.maximum(start, BULK), end, BLOCK_T):
+        t1 = (t0 + tt).to(tl.int64)  # [BLOCK_T]
+        t = t1[:, None]
+        t_ok1 = t1 < end
+        t_ok = t_ok1[:, None]
+        if t0 < NKQ:  # a whole quantized key tile (N_k is a multiple of G, tiles start at multiples of BLOCK_T)
+            g = t0 // G
+            ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
+            kw = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok2 & t_ok, other=0)
+            s = tl.sum(_sum_codes(_codes(kw, BITS, CPW) * (q * ks), CPW), 1) + tl.sum(_sum_codes(q * kz, CPW), 1)
+        else:
+            k = tl.load(kr_base + _expand_codes((t - NKQ) * skr_t, CPW) + dd * skr_d,
+                        mask=_expand_codes(t_ok & w_ok2, CPW), other=0.0).to(tl.float32)
+            s = tl.sum(_sum_codes(k * q, CPW), 1)
+        s = tl.where(t_ok1, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        is_q = t_ok & (t < NVQ)  # [BLOCK_T, 1]
+        is_r = t_ok & (t >= NVQ)
+        vw = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok2 & is_q, other=0)
+        vs = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
+        vq = _codes(vw, BITS, CPW) * _expand_codes(vs, CPW) + _expand_codes(vz, CPW)
+        vr = tl.load(vr_base + _expand_codes((t - NVQ) * svr_t, CPW) + dd * svr_d,
+                     mask=_expand_codes(is_r & w_ok2, CPW), other=0.0).to(tl.float32)
+        v = tl.where(_expand_codes(is_q, CPW), vq, vr)
+        acc = acc * alpha + _expand_codes(p[:, None], CPW) * v
+        acc_z = acc_z * alpha
+        m_i = m_new
+
+    # ---- partial result of this split: normalised output and log2-sum-exp (−inf for an empty split) -----------
+    has = l_i > 0.0
+    o = tl.sum(acc + _expand_codes(acc_z, CPW), 0) / tl.where(has, l_i, 1.0)  # [BLOCK_W, 2, …]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (b * h_q + h) * num_splits + split  # MidLse [B, H_q, S]; MidO [B, H_q, S, D]
+    tl.store(MidLse + row, lse2)
+    tl.store(MidO + row * (WORDS * CPW) + _split_channels(w1 * CPW, CPW), o, mask=_expand_codes(w1 < WORDS, CPW))
+
+
+def _strides4(x: Tensor | None) -> tuple[int, int, int, int]:
+    return (0, 0, 0, 0) if x is None else tuple(x.stride())  # type: ignore[return-value]
+
+
+def _check(name: str, x: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if x is None:
+        return
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}; got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}; got {x.device}")
+
+
+def _validate(q, k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res, bits, group_size):
+    check_quant_args(bits, group_size)
+    if not isinstance(q, Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a [batch, q_heads, head_dim] tensor; got {getattr(q, 'shape', type(q))}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}; got {q.dtype}")
+    for name, r in (("k_res", k_res), ("v_res", v_res)):
+        if not isinstance(r, Tensor) or r.dim() != 4:
+            raise ValueError(f"{name} must be a [batch, kv_heads, tokens, head_dim] tensor (possibly with 0 tokens)")
+    b, h_q, d = q.shape
+    h_kv = k_res.shape[1]
+    f = codes_per_word(bits)
+    if h_kv < 1 or h_q % h_kv:
+        raise ValueError(f"kv_heads ({h_kv}) must divide q_heads ({h_q})")
+    if d % group_size:
+        raise ValueError(f"head_dim ({d}) must be a multiple of group_size ({group_size})")
+    n_k = 0 if k_codes is None else k_codes.shape[2]
+    n_v = 0 if v_codes is None else v_codes.shape[2]
+    if n_k % group_size:
+        raise ValueError(f"k_codes holds {n_k} tokens; it must be a multiple of group_size ({group_size})")
+    t = n_k + k_res.shape[2]
+    if n_v + v_res.shape[2] != t:
+        raise ValueError(f"keys hold {n_k} + {k_res.shape[2]} tokens but values {n_v} + {v_res.shape[2]}; they must agree")
+    dev = q.device
+    _check("k_res", k_res, (b, h_kv, t - n_k, d), q.dtype, dev)
+    _check("v_res", v_res, (b, h_kv, t - n_v, d), q.dtype, dev)
+    if (k_codes is None) != (k_scale is None) or (k_codes is None) != (k_zero is None):
+        raise ValueError("k_codes, k_scale and k_zero must be given together (or all None)")
+    if (v_codes is None) != (v_scale is None) or (v_codes is None) != (v_zero is None):
+        raise ValueError("v_codes, v_scale and v_zero must be given together (or all None)")
+    _check("k_codes", k_codes, (b, h_kv, n_k, d // f), torch.int32, dev)
+    _check("k_scale", k_scale, (b, h_kv, n_k // group_size, d), torch.float16, dev)
+    _check("k_zero", k_zero, (b, h_kv, n_k // group_size, d), torch.float16, dev)
+    _check("v_codes", v_codes, (b, h_kv, n_v, d // f), torch.int32, dev)
+    _check("v_scale", v_scale, (b, h_kv, n_v, d // group_size), torch.float16, dev)
+    _check("v_zero", v_zero, (b, h_kv, n_v, d // group_size), torch.float16, dev)
+    return b, h_q, h_kv, t, d, n_k, n_v
+
+
+def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | None, k_zero: Tensor | None,
+                          k_res: Tensor, v_codes: Tensor | None, v_scale: Tensor | None, v_zero: Tensor | None,
+                          v_res: Tensor, *, bits: int, group_size: int, scale: float | None = None,
+                          num_splits: int | None = None, return_lse: bool = False,
+                          config: KIVIDecodeConfig | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of one decode query per head over a KIVI cache, reading the packed codes.
+
+    Args:
+        q: ``[B, H_q, D]`` fp32/fp16/bf16 (already rotated); ``H_kv`` must divide ``H_q``.
+        k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res: the layer's KIVI storage (module
+            docstring; :class:`refimpl.kivi.KIVILayerState`).  Codes/scales may be ``None`` (nothing quantized yet);
+            residuals have ``q``'s dtype and may hold 0 tokens.  Any strides.
+        bits, group_size: how the codes were made.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        num_splits: token ranges per (batch, head); default fills the GPU (see ``choose_num_splits``).
+        return_lse: also return the natural-log log-sum-exp ``[B, H_q]`` (fp32).
+        config: :class:`KIVIDecodeConfig`; ``block_t`` must divide ``group_size``.
+
+    Returns ``[B, H_q, D]`` in ``q.dtype`` (and the LSE).  Matches :func:`kivi_decode_attention_ref`.
+    """
+    b, h_q, h_kv, t, d, n_k, n_v = _validate(q, k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res,
+                                             bits, group_size)
+    if t == 0:
+        raise ValueError("the cache is empty (0 tokens): nothing to attend to")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= 65535):
+        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float or None (= 1/sqrt(head_dim)); got {scale!r}")
+    cfg = config or default_config(group_size)
+    if not isinstance(cfg, KIVIDecodeConfig):
+        raise TypeError(f"config must be a KIVIDecodeConfig or None; got {type(cfg).__name__}")
+    if group_size % cfg.block_t:
+        raise ValueError(f"config.block_t ({cfg.block_t}) must divide group_size ({group_size})")
+    check_launchable(*(x for x in (q, k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res)
+                       if x is not None))
+
+    f = codes_per_word(bits)
+    bt = cfg.block_t
+    # Tokens whose key AND value are quantized, cut at a tile boundary: the branch-free bulk loop runs over them.
+    bulk = min(n_k, n_v) // bt * bt
+    if num_splits is None:
+        splits = choose_num_splits(b, h_q, t, bt, num_sms(q.device))
+    else:
+        splits = num_splits
+    tokens_per_split = cdiv(cdiv(t, bt), splits) * bt  # tile-aligned ranges
+    splits = cdiv(t, tokens_per_split) if num_splits is None else splits
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy_h = torch.zeros(1, dtype=torch.float16, device=q.device)
+    kc, ks, kz = (k_codes, k_scale, k_zero) if k_codes is not None else (dummy_i, dummy_h, dummy_h)
+    vc, vs, vz = (v_codes, v_scale, v_zero) if v_codes is not None else (dummy_i, dummy_h, dummy_h)
+    mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
+    words = d // f
+    _kivi_split_kernel[(splits, h_q, b)](
+        q, kc, ks, kz, k_res, vc, vs, vz, v_res, mid_o, mid_lse,
+        *q.stride(),
+        *_strides4(k_codes), *_strides4(k_scale), *k_res.stride(),
+        *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
+        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
+        GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
+        WPG=group_size // f, BLOCK_T=bt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _combine_kernel[(h_q, b)](
+        mid_o, mid_lse, out, lse, *out.stride(), splits,
+        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)),
+        num_warps=4 if d >= 128 else 2,
+    )
+    return (out, lse) if return_lse else out
+
+
+def kivi_decode_attention_ref(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | None, k_zero: Tensor | None,
+                              k_res: Tensor, v_codes: Tensor | None, v_scale: Tensor | None, v_zero: Tensor | None,
+                              v_res: Tensor, *, bits: int, group_size: int, scale: float | None = None,
+                              return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """PyTorch reference: dequantize everything to fp32 (``refimpl.quant``) and run ``refimpl.attention``."""
+    _validate(q, k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res, bits, group_size)
+    k, v = k_res.float(), v_res.float()
+    if k_codes is not None:
+        k = torch.cat([unpack_dequantize(k_codes, k_scale, k_zero, bits, group_size, dim=-2), k], dim=2)
+    if v_codes is not None:
+        v = torch.cat([unpack_dequantize(v_codes, v_scale, v_zero, bits, group_size, dim=-1), v], dim=2)
+    out, lse = ref_decode_attention(q.float(), k, v, scale=scale, return_lse=True)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def kivi_cache_attention(q: Tensor, cache, layer_idx: int, **kwargs) -> Tensor:
+    """:func:`kivi_decode_attention` over layer ``layer_idx`` of a :class:`refimpl.kivi.KIVICache`."""
+    if getattr(cache, "per_channel_keys", None) is not True:
+        raise TypeError(f"cache must be a refimpl.kivi.KIVICache (per-channel keys); got {type(cache).__name__}")
+    st = cache.layer_state(layer_idx)
+    if st.k_res is None:
+        raise ValueError(f"layer {layer_idx} of the cache is empty: nothing to attend to")
+    if st.mask is not None:
+        raise NotImplementedError("the fused KIVI kernel does not take a padding mask; use cache.read() + attention")
+    return kivi_decode_attention(q, st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero,
+                                 st.v_res, bits=cache.bits, group_size=cache.group_size, **kwargs)

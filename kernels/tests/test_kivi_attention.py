@@ -1,0 +1,156 @@
+"""Fused KIVI decode attention (``kvkernels.kivi_attention``) against the PyTorch reference (dequantize everything
+in fp32 with ``refimpl.quant``, then ``refimpl.attention.decode_attention``).
+
+Caches are built by :class:`refimpl.kivi.KIVICache` itself, at token counts that hit every case of the layout:
+nothing quantized yet (T < R), T a multiple of R (no fp keys), odd T, the "mid-step" state a fused decode sees
+(append done, flush not yet: R fp keys, R + 1 fp values), GQA groups 1/2/3, odd split counts and more splits than
+tiles, head dims 32/64/96, bits 2/4/8.
+
+Tolerances (kernel vs the fp32 reference rounded to the input dtype): fp32 1e-5 abs / 1e-5 rel (different
+summation order only); fp16 2e-3 / 2e-3 and bf16 1.6e-2 / 1.6e-2 (one rounding of the output; everything inside
+the kernel is fp32).  Log-sum-exp: 2e-4 abs / 1e-5 rel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvkernels._utils import kernel_device
+from kvkernels.kivi_attention import (
+    KIVIDecodeConfig,
+    kivi_cache_attention,
+    kivi_decode_attention,
+    kivi_decode_attention_ref,
+)
+
+from refimpl.attention import decode_attention as ref_attention
+from refimpl.kivi import KIVICache, NaiveQuantCache
+
+DEV = kernel_device()
+ON_GPU = DEV.type == "cuda"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {F32: (1e-5, 1e-5), F16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: torch's thread pool only adds overhead (and stalls on shared CI cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(b: int, h_kv: int, t: int, d: int, bits: int, group: int, res: int, dtype: torch.dtype, seed: int,
+          mid_step: bool = False) -> KIVICache:
+    """A KIVI cache holding t tokens of random keys (with two outlier channels) and values."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h_kv, t, d, generator=g)
+    k[..., 1] += 6.0
+    k[..., d // 2] -= 4.0
+    v = torch.randn(b, h_kv, t, d, generator=g)
+    c = KIVICache(1, bits=bits, group_size=group, residual_length=res)
+    if mid_step:  # prefill t-1 tokens, then append one without flushing: what the kernel sees in a fused step
+        c.update(0, k[:, :, :-1].to(dtype).to(DEV), v[:, :, :-1].to(dtype).to(DEV))
+        c.append(0, k[:, :, -1:].to(dtype).to(DEV), v[:, :, -1:].to(dtype).to(DEV))
+    else:
+        c.update(0, k.to(dtype).to(DEV), v.to(dtype).to(DEV))
+    return c
+
+
+def query(b: int, h_q: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return (torch.randn(b, h_q, d, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype).to(DEV)
+
+
+def check(c: KIVICache, q: torch.Tensor, **kw) -> None:
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    out, lse = kivi_decode_attention(q, *args, bits=c.bits, group_size=c.group_size, return_lse=True, **kw)
+    want, want_lse = kivi_decode_attention_ref(q.cpu(), *(None if a is None else a.cpu() for a in args),
+                                               bits=c.bits, group_size=c.group_size, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(out.float().cpu(), want.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=2e-4, rtol=1e-5)
+
+
+CASES = [  # b, h_kv, gq, t, d, bits, group, res, splits
+    (2, 2, 1, 301, 64, 2, 32, 64, None),  # odd T: 256 quantized keys + 45 fp, 237 quantized values + 64 fp
+    (1, 2, 3, 77, 32, 4, 16, 32, 3),  # GQA group of 3, odd split count
+    (1, 1, 2, 20, 64, 2, 16, 32, None),  # T < R: nothing quantized, residual only
+    (2, 1, 1, 128, 96, 8, 32, 64, 5),  # T multiple of R (no fp keys), D = 96 (3 words of 8-bit codes per 32)
+    (1, 1, 1, 40, 32, 2, 16, 16, 16),  # more splits than tiles: empty splits
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}hkv{}g{}t{}d{}bits{}G{}R{}s{}".format(*c))
+def test_matches_reference(case, dtype):
+    b, h_kv, gq, t, d, bits, group, res, splits = case
+    c = build(b, h_kv, t, d, bits, group, res, dtype, seed=t)
+    check(c, query(b, h_kv * gq, d, dtype, seed=t + 1), num_splits=splits)
+
+
+@pytest.mark.parametrize("block_t", [8, 16, 32])
+def test_mid_step_state_and_tile_sizes(block_t):
+    c = build(1, 2, 192, 32, 2, 32, 64, F16, seed=4, mid_step=True)
+    assert c.split(0) == (128, 64, 127, 65)  # after append, before flush: R fp keys, R + 1 fp values
+    check(c, query(1, 2, 32, F16, seed=5), config=KIVIDecodeConfig(block_t=block_t, num_warps=4, num_stages=1))
+
+
+def test_equals_attention_over_what_the_cache_returns():
+    """The kernel attends to exactly the keys/values KIVICache.read() hands the reference model path."""
+    c = build(2, 2, 150, 64, 2, 32, 32, F32, seed=8)
+    q = query(2, 4, 64, F32, seed=9)
+    kv = c.read(0)
+    want = ref_attention(q.cpu(), kv.k.cpu(), kv.v.cpu())
+    torch.testing.assert_close(kivi_cache_attention(q, c, 0).cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_argument():
+    c = build(1, 1, 70, 32, 4, 16, 32, F32, seed=10)
+    q = query(1, 1, 32, F32, seed=11)
+    st = c.layer_state(0)
+    got = kivi_cache_attention(q, c, 0, scale=0.05)
+    kv = c.read(0)
+    torch.testing.assert_close(got.cpu(), ref_attention(q.cpu(), kv.k.cpu(), kv.v.cpu(), scale=0.05),
+                               atol=1e-5, rtol=1e-5)
+    assert st.k_codes is not None
+
+
+def test_bad_arguments_name_the_parameter():
+    c = build(1, 1, 70, 32, 2, 16, 32, F32, seed=12)
+    st = c.layer_state(0)
+    q = query(1, 1, 32, F32, seed=13)
+    args = [st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res]
+    with pytest.raises(ValueError, match="block_t .* must divide group_size"):
+        kivi_decode_attention(q, *args, bits=2, group_size=16, config=KIVIDecodeConfig(block_t=32))
+    with pytest.raises(ValueError, match="k_scale must have shape"):
+        kivi_decode_attention(q, *args[:1], args[1][:, :, :1], *args[2:], bits=2, group_size=16)
+    with pytest.raises(TypeError, match="k_codes must be torch.int32"):
+        kivi_decode_attention(q, args[0].long(), *args[1:], bits=2, group_size=16)
+    with pytest.raises(ValueError, match="they must agree"):
+        kivi_decode_attention(q, *args[:7], args[7][:, :, :-1], bits=2, group_size=16)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        kivi_decode_attention(q, *args, bits=3, group_size=16)
+    with pytest.raises(ValueError, match="num_splits"):
+        kivi_decode_attention(q, *args, bits=2, group_size=16, num_splits=0)
+    with pytest.raises(ValueError, match=r"kv_heads \(1\) must divide|q must be"):
+        kivi_decode_attention(q[:, :, None], *args, bits=2, group_size=16)
+    with pytest.raises(TypeError, match="KIVICache"):
+        kivi_cache_attention(q, NaiveQuantCache(1, 2, 16, 16), 0)
+    empty = [None, None, None, st.k_res[:, :, :0], None, None, None, st.v_res[:, :, :0]]
+    with pytest.raises(ValueError, match="empty"):
+        kivi_decode_attention(q, *empty, bits=2, group_size=16)
+
+
+@pytest.mark.gpu
+def test_64bit_offsets_on_gpu():
+    """Row 2 starts 2^31 elements into each residual tensor (3 x 2^23 tokens x 128 fp16: 6 GiB each)."""
+    t, d = (1 << 23) + 33, 128
+    k_res = torch.randn(3, 1, t, d, device=DEV, dtype=F16)
+    v_res = torch.randn(3, 1, t, d, device=DEV, dtype=F16)
+    q = torch.randn(3, 1, d, device=DEV, dtype=F16)
+    out = kivi_decode_attention(q, None, None, None, k_res, None, None, None, v_res, bits=2, group_size=32)
+    want = ref_attention(q[2:].float(), k_res[2:].float(), v_res[2:].float())
+    torch.testing.assert_close(out[2:].float(), want, atol=2e-3, rtol=2e-3)
