@@ -671,9 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     print(f"GPU: {gpu.name} ({gpu.sms} SMs, {gpu.memory_gb:.0f} GB)")
     checks = []
-    for check, args in ((check_attention, ("cuda",)), (check_e2e, ("cuda", torch.float16))):
+    for check, check_args in ((check_attention, ("cuda",)), (check_e2e, ("cuda", torch.float16))):
         try:
-            checks.append("- check: " + check(*args))
+            checks.append("- check: " + check(*check_args))
         except AssertionError as e:  # keep measuring, but the tables say loudly that a check failed
             checks.append(f"- CHECK FAILED: {e}")
         print(checks[-1])
