@@ -124,33 +124,30 @@ class Attention(nn.Module):
         t_k = kv.k.shape[2]
         need_probs = want_probs or (cache is not None and cache.needs_attention(self.layer_idx))
         g = self.h // self.h_kv
+        decode = kv.key_mask is None and t == 1  # one query per head sees every stored key: a GEMV
         if need_probs or kv.key_mask is not None or t not in (1, t_k):
             allowed = causal_mask(t, t_k, x.device)[None, None]  # [1, 1, T, T_k]
             if kv.key_mask is not None:
                 allowed = allowed & kv.key_mask[:, :, None, :]  # [B, H_kv, T, T_k]
-        if need_probs:
+        probs = None
+        if need_probs or decode:
             # Explicit path: share K/V by index — queries grouped as [B, H_kv, G, T, D].
             qg = q.view(b, self.h_kv, g, t, self.d)
             scores = torch.einsum("bkgtd,bksd->bkgts", qg, kv.k) / math.sqrt(self.d)
-            scores = scores.masked_fill(~allowed[:, :, None], torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.einsum("bkgts,bksd->bkgtd", probs, kv.v).reshape(b, self.h, t, self.d)
-            probs = probs.reshape(b, self.h, t, t_k)
-            if cache is not None:
-                cache.observe(self.layer_idx, probs)
-        elif kv.key_mask is None and t == 1:  # decode: one query per head, a GEMV over the whole cache
-            qg = q.view(b, self.h_kv, g, self.d)
-            scores = torch.einsum("bkgd,bksd->bkgs", qg, kv.k) / math.sqrt(self.d)
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.einsum("bkgs,bksd->bkgd", probs, kv.v).reshape(b, self.h, 1, self.d)
+            if need_probs:
+                scores = scores.masked_fill(~allowed[:, :, None], torch.finfo(scores.dtype).min)
+            p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out = torch.einsum("bkgts,bksd->bkgtd", p, kv.v).reshape(b, self.h, t, self.d)
+            if need_probs:
+                probs = p.reshape(b, self.h, t, t_k)
+                if cache is not None:
+                    cache.observe(self.layer_idx, probs)
         elif kv.key_mask is None and t == t_k:  # prefill from empty: plain causal (flash path on GPU)
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, is_causal=True, enable_gqa=g > 1)
         else:
             mask = allowed if allowed.shape[1] == 1 else allowed.repeat_interleave(g, dim=1)
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(~mask, torch.finfo(q.dtype).min)
             out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=bias, enable_gqa=g > 1)
-        if not need_probs:
-            probs = None
         out = out.transpose(1, 2).reshape(b, t, self.h * self.d)
         return self.o_proj(out), (probs if want_probs else None)
 
