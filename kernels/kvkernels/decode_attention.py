@@ -63,10 +63,12 @@ MAX_GROUP_SIZE = 128  # query heads per KV head held as rows of one tile
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
 
-# Split heuristic: launch about this many phase-1 programs per SM so that enough loads are in flight to hide
-# memory latency, but give each split at least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q,
-# write a partial row) stays small next to the K/V it streams.
-PROGRAMS_PER_SM = 4
+# Split heuristic: launch at least PROGRAMS_PER_SM phase-1 programs per SM (rounded up), but give each split at
+# least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q, write a partial row) stays small next to
+# the K/V it streams.  Measured on an H100 (benchmarks/results/sweep_decode_attention_h100-sxm.md and
+# bench_decode_attention_h100-sxm.md): about 2 per SM beat 4 per SM on long contexts (batch 1, 128k tokens:
+# 199 vs 214 µs); rounding *down* to 1 per SM lost 10% at batch 32, 4k tokens, so the count is rounded up.
+PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 128
 
@@ -93,14 +95,15 @@ class DecodeConfig:
 def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     """One fixed configuration per head size / dtype (a single small one under the interpreter).
 
-    Tiles of ~16 KB per K (or V) tile: BLOCK_N · D · bytes ≈ 16 KB, three pipeline stages.
+    Tiles of ~16 KB per K (or V) tile: BLOCK_N · D · bytes ≈ 16 KB, two pipeline stages (three were no faster
+    on an H100 and hold more shared memory: ``benchmarks/results/sweep_decode_attention_h100-sxm.md``).
     """
     if interpreting():
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
     elem = torch.empty((), dtype=dtype).element_size()
     block_d = max(16, next_power_of_2(head_dim))
     block_n = max(16, min(128, 16384 // (block_d * elem)))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if block_d <= 128 else 2)
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:

@@ -1,0 +1,148 @@
+"""Launch-configuration sweep for the two decode kernels on the shapes their issues judge (a tuning aid).
+
+* ``kvkernels.kivi_decode_attention`` (KIVI-2, MHA H = 32, D = 128, G = 32, R = 128, fp16) at 32k context,
+  batch 1 / 8 / 32: tokens per tile × warps × pipeline stages × split count, against fp16 SDPA on the same shape.
+* ``kvkernels.decode_attention`` (H_q = 32, H_kv = 8, D = 128, fp16) on the shapes where it trailed SDPA:
+  tile × warps × stages × split count.
+
+Every row is timed in this run (median of ``--reps`` calls, L2 flushed before each, ``common.time_cuda``); the
+fastest configuration per shape is marked.  ``default_config`` / ``choose_num_splits`` in the kernels are set
+from these tables.
+
+    python benchmarks/sweep_kernels.py [--part kivi|decode] [--reps 20]
+
+Writes ``benchmarks/results/sweep_kivi_<gpu>.md`` and ``benchmarks/results/sweep_decode_attention_<gpu>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE), os.path.join(os.path.dirname(_HERE), "kernels")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch
+import torch.nn.functional as F
+from common import Table, gpu_info, measure_copy_bandwidth, require_cuda, time_cuda
+
+
+def _us(fn, reps: int) -> float | None:
+    try:
+        return time_cuda(fn, reps=reps)["median_ms"] * 1e3
+    except Exception as e:  # noqa: BLE001 - a config the GPU cannot run (shared memory, registers): skip it
+        print(f"  failed: {type(e).__name__}: {str(e)[:100]}")
+        torch.cuda.empty_cache()
+        return None
+
+
+def _mark_best(rows: list[dict], key: str = "µs") -> None:
+    best = min((r for r in rows if r[key] is not None), key=lambda r: r[key], default=None)
+    for r in rows:
+        r["best?"] = r is best
+
+
+def sweep_kivi(copy_bw: float, reps: int, batches=(1, 8, 32), ctx: int = 32768) -> Table:
+    from bench_kivi import D, G, H, kivi_bytes, random_kivi_state
+    from kvkernels.decode_attention import choose_num_splits
+    from kvkernels.kivi_attention import KIVIDecodeConfig, kivi_decode_attention
+
+    cols = ["B", "context", "block_t", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW",
+            "× vs SDPA", "best?"]
+    table = Table(f"KIVI-2 fused decode attention: launch-config sweep (H={H}, D={D}, G={G}, fp16)", cols)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b in batches:
+        state, t = random_kivi_state(b, ctx, 2, "cuda", seed=b)
+        q = torch.randn((b, H, D), device="cuda", dtype=torch.float16)
+        k = torch.randn((b, H, t, D), device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        sdpa = _us(functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v), reps)
+        del k, v  # free the fp16 cache before timing KIVI
+        torch.cuda.empty_cache()
+        nbytes = kivi_bytes(state)
+        rows = []
+        for bt, nw, ns in itertools.product((16, 32), (4, 8), (1, 2, 3, 4)):
+            auto = choose_num_splits(b, H, t, bt, sms)
+            for splits in sorted({max(1, auto // 2), auto, auto * 2}):
+                cfg = KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns)
+                us = _us(functools.partial(kivi_decode_attention, q, *state, bits=2, group_size=G, config=cfg,
+                                           num_splits=splits), reps)
+                rows.append({"B": b, "context": ctx, "block_t": bt, "num_warps": nw, "num_stages": ns,
+                             "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
+                             "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
+                             "× vs SDPA": None if us is None or sdpa is None else sdpa / us})
+        _mark_best(rows)
+        for r in rows:
+            table.add(**r)
+        best = next(r for r in rows if r["best?"])
+        print(f"B={b}: SDPA {sdpa:.1f} µs; best KIVI {best['µs']:.1f} µs ({best['block_t']}/{best['num_warps']}/"
+              f"{best['num_stages']}, splits {best['num_splits']}) = {best['× vs SDPA']:.2f}x", flush=True)
+        del state, q
+        torch.cuda.empty_cache()
+    return table
+
+
+def sweep_decode(copy_bw: float, reps: int, shapes=((1, 131072), (1, 16384), (4, 131072), (16, 16384),
+                                                     (32, 131072))) -> Table:
+    from bench_decode_attention import H_KV, H_Q, HEAD_DIM, bytes_moved, sdpa_callables
+    from kvkernels.decode_attention import DecodeConfig, choose_num_splits, decode_attention
+
+    cols = ["B", "T", "block_n", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW", "× vs SDPA best",
+            "best?"]
+    table = Table(f"Split-KV decode attention: launch-config sweep (H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}, fp16)",
+                  cols)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, t in shapes:
+        q = torch.randn(b, H_Q, HEAD_DIM, device="cuda", dtype=torch.float16)
+        k = torch.randn(b, H_KV, t, HEAD_DIM, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        sdpa = min(x for x in (_us(fn, reps) for fn in sdpa_callables(q[:, :, None], k, v).values()) if x)
+        nbytes = bytes_moved(b, t, 2)
+        rows = []
+        for bn, nw, ns in itertools.product((64, 128), (4, 8), (2, 3, 4, 5)):
+            auto = choose_num_splits(b, H_KV, t, bn, sms)
+            for splits in sorted({max(1, auto // 2), auto, auto * 2}):
+                cfg = DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns)
+                us = _us(functools.partial(decode_attention, q, k, v, config=cfg, num_splits=splits), reps)
+                rows.append({"B": b, "T": t, "block_n": bn, "num_warps": nw, "num_stages": ns,
+                             "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
+                             "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
+                             "× vs SDPA best": None if us is None else sdpa / us})
+        _mark_best(rows)
+        for r in rows:
+            table.add(**r)
+        best = next(r for r in rows if r["best?"])
+        print(f"B={b} T={t}: SDPA best {sdpa:.1f} µs; best ours {best['µs']:.1f} µs ({best['block_n']}/"
+              f"{best['num_warps']}/{best['num_stages']}, splits {best['num_splits']}) = "
+              f"{best['× vs SDPA best']:.3f}x", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("kivi", "decode", "both"), default="both")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    require_cuda("sweep_kernels")
+    gpu = gpu_info()
+    copy_bw = measure_copy_bandwidth()
+    meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}",
+            "timing": f"median of {args.reps} calls, L2 flushed before each, CUDA events"}
+    if args.part in ("kivi", "both"):
+        t = sweep_kivi(copy_bw, args.reps)
+        print(f"wrote {t.write('sweep_kivi', gpu, meta)}")
+    if args.part in ("decode", "both"):
+        t = sweep_decode(copy_bw, args.reps)
+        print(f"wrote {t.write('sweep_decode_attention', gpu, meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
