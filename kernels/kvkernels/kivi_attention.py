@@ -13,8 +13,12 @@ Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along chan
 
 Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
 
-The algebra that keeps the inner loop short (≈ one shift, one logic op and one multiply-add per code — counted in
-the compiled SASS for sm_90, not measured on a GPU here):
+The algebra that keeps the unpacking short (one rotate, one logic op and one multiply-add per code).  The whole
+bulk loop is longer: compiled for sm_90 by Triton 3.6 with 4 warps and 32-token tiles it is 483 SASS instructions
+per thread per tile, i.e. ~7.5 per code once reductions, scale loads and the softmax are counted (an H100 issues
+128 per SM per clock), and each tile waits for its loads.  Measured on an H100 at 32k context it runs at 10–20% of the copy
+bandwidth and about as fast as fp16 attention (benchmarks/results/bench_kivi_attention_h100-sxm.md); it is not yet
+the ≥ 4x kernel the byte count allows.
 
 * **Codes as floats without a conversion instruction.**  Rotating a word so that code c sits at the top of an fp32
   mantissa and OR-ing the exponent bits of 1.0 gives f = 1 + c·2^−B exactly, so c = 2^B (f − 1).
@@ -64,11 +68,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class KIVIDecodeConfig:
-    """Launch parameters: tokens per tile (must divide group_size), warps, pipelining depth."""
+    """Launch parameters: tokens per tile (must divide group_size), warps, pipelining depth of the bulk loop's
+    word loads (1 = not pipelined)."""
 
     block_t: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
 
     def __post_init__(self) -> None:
         if self.block_t not in (8, 16, 32, 64, 128):
@@ -82,7 +87,9 @@ class KIVIDecodeConfig:
 def default_config(group_size: int) -> KIVIDecodeConfig:
     if interpreting():
         return KIVIDecodeConfig(block_t=min(group_size, 16), num_warps=4, num_stages=1)
-    return KIVIDecodeConfig(block_t=min(group_size, 32), num_warps=4, num_stages=2)
+    # Not pipelined by default: with 4 warps, staging the word loads makes Triton pick a register layout that
+    # costs 3x the instructions per tile (SASS), and on an H100 it was no faster at any batch measured.
+    return KIVIDecodeConfig(block_t=min(group_size, 32), num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -168,7 +175,7 @@ def _kivi_split_kernel(
     svr_b, svr_h, svr_t, svr_d,
     T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # Tiles are [BLOCK_T, BLOCK_W, 2, …, 2]: token, packed word, then the code's position in its word split
     # into binary axes by tl.join (see _split_words).  Every thread unpacks and multiplies whole words in its own
@@ -207,7 +214,11 @@ def _kivi_split_kernel(
     acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t of the per-word terms, added to every code at the end
 
     # ---- bulk: key and value both quantized; every tile lies inside one key group (BLOCK_T | G) ----------------
-    for t0 in range(start, tl.minimum(end, BULK), BLOCK_T):
+    # tl.range(num_stages=…) lets Triton software-pipeline the loop's packed-word loads (cp.async through shared
+    # memory, NUM_STAGES − 1 tiles ahead; 1 = off).  A loop without tl.dot is pipelined only when asked like
+    # this; whether it pays depends on the warps per program (it changes the register layout Triton picks), so
+    # it is a tuning knob, measured in benchmarks/results/bench_kivi_attention_*.md.
+    for t0 in tl.range(start, tl.minimum(end, BULK), BLOCK_T, num_stages=NUM_STAGES):
         t = (t0 + tt).to(tl.int64)[:, None]  # [BLOCK_T, 1]
         g = t0 // G
         ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -398,7 +409,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
         t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
-        WPG=group_size // f, BLOCK_T=bt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WPG=group_size // f, BLOCK_T=bt, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,
