@@ -12,9 +12,10 @@ SDPA.  The summary at the end says whether this run met them.
 
     python benchmarks/bench_decode_attention.py            # full grid, ~1-2 min on an H100
     python benchmarks/bench_decode_attention.py --quick    # 4 shapes, bf16
-    python benchmarks/bench_decode_attention.py --sweep    # also try launch configs on two shapes (tuning aid)
+    python benchmarks/bench_decode_attention.py --sweep    # also sweep launch configs (sweep_kernels.sweep_decode)
 
-Writes ``benchmarks/results/bench_decode_attention_<gpu>.md`` (and ``..._sweep_<gpu>.md`` with ``--sweep``).
+Writes ``benchmarks/results/bench_decode_attention_<gpu>.md`` (and ``sweep_decode_attention_<gpu>.md`` with
+``--sweep``).
 """
 
 from __future__ import annotations
@@ -142,39 +143,6 @@ def summary(records: list[dict]) -> list[str]:
     return lines
 
 
-def run_sweep(copy_bw: float, reps: int) -> Table:
-    """Time a few launch configurations on a small and a ≥ 1 GB shape (bf16) to guide ``default_config``."""
-    from kvkernels.decode_attention import DecodeConfig, decode_attention, default_config
-
-    table = Table("Split-KV decode attention: launch-config sweep (bf16)",
-                  ["B", "T", "block_n", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW", "default?"])
-    for b, t in ((1, 4096), (8, 32768), (32, 16384)):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(b, H_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(b, H_KV, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        nbytes = bytes_moved(b, t, 2)
-        default = default_config(HEAD_DIM, torch.bfloat16)
-        for bn, nw, ns, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None,)):
-            cfg = DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns)
-            call = functools.partial(decode_attention, q, k, v, config=cfg, num_splits=splits)
-            try:
-                us = time_cuda(call, reps=reps)["median_ms"] * 1e3
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a large tile and many stages
-                print(f"config {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            table.add(B=b, T=t, block_n=bn, num_warps=nw, num_stages=ns, num_splits="auto", **{
-                "µs": us, "% of copy BW": 100 * nbytes / (us * 1e-6) / copy_bw, "default?": cfg == default})
-        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
-            us = time_cuda(functools.partial(decode_attention, q, k, v, num_splits=splits), reps=reps)["median_ms"] * 1e3
-            table.add(B=b, T=t, block_n=default.block_n, num_warps=default.num_warps, num_stages=default.num_stages,
-                      num_splits=splits, **{"µs": us, "% of copy BW": 100 * nbytes / (us * 1e-6) / copy_bw,
-                                            "default?": False})
-        del q, k, v, call
-        torch.cuda.empty_cache()
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="bf16 only, batch 1 and 16, contexts 4k and 64k")
@@ -203,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(notes))
     print(f"wrote {path}")
     if args.sweep:
-        sweep = run_sweep(copy_bw, args.reps)
-        print(sweep.markdown())
-        print(f"wrote {sweep.write(SCRIPT + '_sweep', gpu, meta)}")
+        # the launch-config sweep of this kernel lives in sweep_kernels.py (one sweep, two entry points)
+        from sweep_kernels import sweep_decode
+
+        print(f"wrote {sweep_decode(copy_bw, args.reps).write('sweep_decode_attention', gpu, meta)}")
     return 0
 
 

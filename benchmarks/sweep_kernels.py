@@ -41,10 +41,25 @@ def _us(fn, reps: int) -> float | None:
         return None
 
 
-def _mark_best(rows: list[dict], key: str = "µs") -> None:
-    best = min((r for r in rows if r[key] is not None), key=lambda r: r[key], default=None)
+def _time_configs(table: Table, label: str, configs, call, reps: int, nbytes: int, copy_bw: float,
+                  baseline_us: float | None, ratio_col: str, **base) -> None:
+    """Time every (row fields, config, automatic split count) of ``configs`` at half, once and twice the automatic
+    split count (``call(config=…, num_splits=…)`` runs the kernel once), mark the fastest row, add the rows to
+    ``table``."""
+    rows = []
+    for fields, cfg, auto in configs:
+        for splits in sorted({max(1, auto // 2), auto, auto * 2}):
+            us = _us(functools.partial(call, config=cfg, num_splits=splits), reps)
+            rows.append({**base, **fields, "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
+                         "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
+                         ratio_col: None if us is None or baseline_us is None else baseline_us / us})
+    best = min((r for r in rows if r["µs"] is not None), key=lambda r: r["µs"], default=None)
     for r in rows:
-        r["best?"] = r is best
+        table.add(**r, **{"best?": r is best})
+    if best is not None:
+        knobs = "/".join(str(best[k]) for k in configs[0][0])
+        print(f"{label}: best {best['µs']:.1f} µs ({knobs}, splits {best['num_splits']}); {ratio_col}: "
+              f"{Table._fmt(best[ratio_col])}", flush=True)
 
 
 def sweep_kivi(copy_bw: float, reps: int, batches=(1, 8, 32), ctx: int = 32768) -> Table:
@@ -64,24 +79,12 @@ def sweep_kivi(copy_bw: float, reps: int, batches=(1, 8, 32), ctx: int = 32768) 
         sdpa = _us(functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v), reps)
         del k, v  # free the fp16 cache before timing KIVI
         torch.cuda.empty_cache()
-        nbytes = kivi_bytes(state)
-        rows = []
-        for bt, nw, ns in itertools.product((16, 32), (4, 8), (1, 2, 3, 4)):
-            auto = choose_num_splits(b, H, t, bt, sms)
-            for splits in sorted({max(1, auto // 2), auto, auto * 2}):
-                cfg = KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns)
-                us = _us(functools.partial(kivi_decode_attention, q, *state, bits=2, group_size=G, config=cfg,
-                                           num_splits=splits), reps)
-                rows.append({"B": b, "context": ctx, "block_t": bt, "num_warps": nw, "num_stages": ns,
-                             "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
-                             "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
-                             "× vs SDPA": None if us is None or sdpa is None else sdpa / us})
-        _mark_best(rows)
-        for r in rows:
-            table.add(**r)
-        best = next(r for r in rows if r["best?"])
-        print(f"B={b}: SDPA {sdpa:.1f} µs; best KIVI {best['µs']:.1f} µs ({best['block_t']}/{best['num_warps']}/"
-              f"{best['num_stages']}, splits {best['num_splits']}) = {best['× vs SDPA']:.2f}x", flush=True)
+        configs = [({"block_t": bt, "num_warps": nw, "num_stages": ns},
+                    KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns), choose_num_splits(b, H, t, bt, sms))
+                   for bt, nw, ns in itertools.product((16, 32), (4, 8), (1, 2, 3, 4))]
+        _time_configs(table, f"KIVI B={b}", configs,
+                      functools.partial(kivi_decode_attention, q, *state, bits=2, group_size=G),
+                      reps, kivi_bytes(state), copy_bw, sdpa, "× vs SDPA", B=b, context=ctx)
         del state, q
         torch.cuda.empty_cache()
     return table
@@ -102,24 +105,12 @@ def sweep_decode(copy_bw: float, reps: int, shapes=((1, 131072), (1, 16384), (4,
         k = torch.randn(b, H_KV, t, HEAD_DIM, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
         sdpa = min(x for x in (_us(fn, reps) for fn in sdpa_callables(q[:, :, None], k, v).values()) if x)
-        nbytes = bytes_moved(b, t, 2)
-        rows = []
-        for bn, nw, ns in itertools.product((64, 128), (4, 8), (2, 3, 4, 5)):
-            auto = choose_num_splits(b, H_KV, t, bn, sms)
-            for splits in sorted({max(1, auto // 2), auto, auto * 2}):
-                cfg = DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns)
-                us = _us(functools.partial(decode_attention, q, k, v, config=cfg, num_splits=splits), reps)
-                rows.append({"B": b, "T": t, "block_n": bn, "num_warps": nw, "num_stages": ns,
-                             "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
-                             "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
-                             "× vs SDPA best": None if us is None else sdpa / us})
-        _mark_best(rows)
-        for r in rows:
-            table.add(**r)
-        best = next(r for r in rows if r["best?"])
-        print(f"B={b} T={t}: SDPA best {sdpa:.1f} µs; best ours {best['µs']:.1f} µs ({best['block_n']}/"
-              f"{best['num_warps']}/{best['num_stages']}, splits {best['num_splits']}) = "
-              f"{best['× vs SDPA best']:.3f}x", flush=True)
+        configs = [({"block_n": bn, "num_warps": nw, "num_stages": ns},
+                    DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns), choose_num_splits(b, H_KV, t, bn, sms))
+                   for bn, nw, ns in itertools.product((64, 128), (4, 8), (2, 3, 4, 5))]
+        _time_configs(table, f"decode B={b} T={t}", configs,
+                      functools.partial(decode_attention, q, k, v),
+                      reps, bytes_moved(b, t, 2), copy_bw, sdpa, "× vs SDPA best", B=b, T=t)
         del q, k, v
         torch.cuda.empty_cache()
     return table
