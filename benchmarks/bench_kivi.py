@@ -281,8 +281,8 @@ def disable_kivi_fused(model) -> None:
 H, D, G, R = 32, 128, 32, 128
 BATCHES = (1, 4, 8, 16, 32)
 CONTEXTS = (4096, 8192, 16384, 32768, 65536)
-KIVI_CONFIGS = (KIVIDecodeConfig(32, 4, 1), KIVIDecodeConfig(32, 4, 3), KIVIDecodeConfig(32, 8, 1),
-                KIVIDecodeConfig(32, 8, 3), KIVIDecodeConfig(16, 4, 1), KIVIDecodeConfig(16, 8, 3))
+KIVI_CONFIGS = (KIVIDecodeConfig(8, 1, 1), KIVIDecodeConfig(4, 1, 1), KIVIDecodeConfig(16, 1, 1),
+                KIVIDecodeConfig(32, 4, 1))
 ATT_COLUMNS = ["bits", "B", "context", "fp16 K+V MB", "KIVI MB", "KIVI µs", "KIVI config", "KIVI % of copy BW",
                "SDPA default µs", "SDPA best µs", "fp16 split-KV µs", "× vs SDPA default", "× vs SDPA best",
                "× vs fp16 split-KV"]

@@ -1,12 +1,13 @@
 """Launch-configuration sweep for the two decode kernels on the shapes their issues judge (a tuning aid).
 
 * ``kvkernels.kivi_decode_attention`` (KIVI-2, MHA H = 32, D = 128, G = 32, R = 128, fp16) at 32k context,
-  batch 1 / 8 / 32: tokens per tile × warps × pipeline stages × split count, against fp16 SDPA on the same shape.
+  batch 1 / 4 / 8 / 32: tokens per tile × warps × pipeline stages × split count (8 … 256 programs per SM),
+  against fp16 SDPA on the same shape.
 * ``kvkernels.decode_attention`` (H_q = 32, H_kv = 8, D = 128, fp16) on the shapes where it trailed SDPA:
   tile × warps × stages × split count.
 
 Every row is timed in this run (median of ``--reps`` calls, L2 flushed before each, ``common.time_cuda``); the
-fastest configuration per shape is marked.  ``default_config`` / ``choose_num_splits`` in the kernels are set
+fastest configuration per shape is marked.  ``default_config`` / ``choose_num_splits`` / ``choose_kivi_splits`` are set
 from these tables.
 
     python benchmarks/sweep_kernels.py [--part kivi|decode] [--reps 20]
@@ -43,12 +44,12 @@ def _us(fn, reps: int) -> float | None:
 
 def _time_configs(table: Table, label: str, configs, call, reps: int, nbytes: int, copy_bw: float,
                   baseline_us: float | None, ratio_col: str, **base) -> None:
-    """Time every (row fields, config, automatic split count) of ``configs`` at half, once and twice the automatic
-    split count (``call(config=…, num_splits=…)`` runs the kernel once), mark the fastest row, add the rows to
-    ``table``."""
+    """Time every (row fields, config, automatic split count[, split counts to try]) of ``configs`` — by default at
+    half, once and twice the automatic split count (``call(config=…, num_splits=…)`` runs the kernel once) — mark
+    the fastest row, add the rows to ``table``."""
     rows = []
-    for fields, cfg, auto in configs:
-        for splits in sorted({max(1, auto // 2), auto, auto * 2}):
+    for fields, cfg, auto, *tries in configs:
+        for splits in sorted(set(tries[0] if tries else (max(1, auto // 2), auto * 2)) | {auto}):
             us = _us(functools.partial(call, config=cfg, num_splits=splits), reps)
             rows.append({**base, **fields, "num_splits": f"{splits}{' (auto)' if splits == auto else ''}", "µs": us,
                          "% of copy BW": None if us is None else 100 * nbytes / (us * 1e-6) / copy_bw,
@@ -62,10 +63,9 @@ def _time_configs(table: Table, label: str, configs, call, reps: int, nbytes: in
               f"{Table._fmt(best[ratio_col])}", flush=True)
 
 
-def sweep_kivi(copy_bw: float, reps: int, batches=(1, 8, 32), ctx: int = 32768) -> Table:
+def sweep_kivi(copy_bw: float, reps: int, batches=(1, 4, 8, 32), ctx: int = 32768) -> Table:
     from bench_kivi import D, G, H, kivi_bytes, random_kivi_state
-    from kvkernels.decode_attention import choose_num_splits
-    from kvkernels.kivi_attention import KIVIDecodeConfig, kivi_decode_attention
+    from kvkernels.kivi_attention import KIVIDecodeConfig, choose_kivi_splits, kivi_decode_attention
 
     cols = ["B", "context", "block_t", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW",
             "× vs SDPA", "best?"]
@@ -79,9 +79,13 @@ def sweep_kivi(copy_bw: float, reps: int, batches=(1, 8, 32), ctx: int = 32768) 
         sdpa = _us(functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v), reps)
         del k, v  # free the fp16 cache before timing KIVI
         torch.cuda.empty_cache()
-        configs = [({"block_t": bt, "num_warps": nw, "num_stages": ns},
-                    KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns), choose_num_splits(b, H, t, bt, sms))
-                   for bt, nw, ns in itertools.product((16, 32), (4, 8), (1, 2, 3, 4))]
+        configs = []
+        for bt, nw, ns in ((8, 1, 1), (4, 1, 1), (16, 1, 1), (16, 2, 1), (32, 4, 1), (8, 1, 3)):
+            # split counts giving 8 … 256 programs per SM (at most 2 tiles per split, as choose_kivi_splits)
+            tries = {max(1, min(round(p * sms / (b * H)), t // (2 * bt), 1024)) for p in (8, 16, 32, 64, 128, 256)}
+            configs.append(({"block_t": bt, "num_warps": nw, "num_stages": ns},
+                            KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns),
+                            choose_kivi_splits(b, H, t, bt, sms), tries))
         _time_configs(table, f"KIVI B={b}", configs,
                       functools.partial(kivi_decode_attention, q, *state, bits=2, group_size=G),
                       reps, kivi_bytes(state), copy_bw, sdpa, "× vs SDPA", B=b, context=ctx)

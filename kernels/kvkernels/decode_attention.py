@@ -63,11 +63,14 @@ MAX_GROUP_SIZE = 128  # query heads per KV head held as rows of one tile
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
 
-# Split heuristic: launch at least PROGRAMS_PER_SM phase-1 programs per SM (rounded up), but give each split at
-# least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q, write a partial row) stays small next to
-# the K/V it streams.  Measured on an H100 (benchmarks/results/sweep_decode_attention_h100-sxm.md and
-# bench_decode_attention_h100-sxm.md): about 2 per SM beat 4 per SM on long contexts (batch 1, 128k tokens:
-# 199 vs 214 µs); rounding *down* to 1 per SM lost 10% at batch 32, 4k tokens, so the count is rounded up.
+# Split heuristic: launch about PROGRAMS_PER_SM phase-1 programs per SM (rounded to the nearest split count), but
+# give each split at least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q, write a partial row)
+# stays small next to the K/V it streams.  Measured on an H100 (benchmarks/results/sweep_decode_attention_h100-sxm.md
+# and bench_decode_attention_h100-sxm.md): about 2 per SM beat 4 per SM on long contexts (batch 1, 128k tokens:
+# 199 vs 214 µs).  Rounding to the nearest count rather than up: at batch 16 (128 (batch, kv_head) pairs) 2 splits
+# beat 3 (16k tokens: 366 vs 370 µs; 64k: 1390 vs 1409 µs), and at batch 32 1 split (no combine launch) beat 2
+# (16k: 705 vs 715 µs).  A fused combine (the last program of each group merges the splits, via an atomic
+# counter) was also measured there and was 0–13% slower than the second launch, so phase 2 stays a launch.
 PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 128
@@ -107,9 +110,10 @@ def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 
 def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:
-    """How many token ranges to cut each (batch, kv_head) into: enough programs to fill ``sms`` SMs."""
+    """How many token ranges to cut each (batch, kv_head) into: about ``PROGRAMS_PER_SM`` programs per SM."""
     tiles = cdiv(max(tokens, 1), block_n)
-    want = cdiv(PROGRAMS_PER_SM * sms, max(batch * kv_heads, 1))
+    pairs = max(batch * kv_heads, 1)
+    want = (2 * PROGRAMS_PER_SM * sms + pairs) // (2 * pairs)  # round(PROGRAMS_PER_SM * sms / pairs)
     return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 

@@ -14,11 +14,14 @@ Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along chan
 Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
 
 The algebra that keeps the unpacking short (one rotate, one logic op and one multiply-add per code).  The whole
-bulk loop is longer: compiled for sm_90 by Triton 3.6 with 4 warps and 32-token tiles it is 483 SASS instructions
-per thread per tile, i.e. ~7.5 per code once reductions, scale loads and the softmax are counted (an H100 issues
-128 per SM per clock), and each tile waits for its loads.  Measured on an H100 at 32k context it runs at 10–20% of the copy
-bandwidth and about as fast as fp16 attention (benchmarks/results/bench_kivi_attention_h100-sxm.md); it is not yet
-the ≥ 4x kernel the byte count allows.
+bulk loop is longer: compiled for sm_90 by Triton 3.6 with the default launch (one warp, 8-token tiles) it is 482
+SASS instructions per thread per tile, i.e. ~7.5 per code once reductions, scale loads and the softmax are
+counted (an H100 issues 128 per SM per clock), with 145 registers and no barriers.  Measured on an H100 at 32k
+context it runs at 26–38% of the copy bandwidth and 1.5–2x faster than fp16 SDPA decode
+(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  A
+tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
+branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between
+the unpack and the dot (shared-memory round trips, register moves) ate the savings.
 
 * **Codes as floats without a conversion instruction.**  Rotating a word so that code c sits at the top of an fp32
   mantissa and OR-ing the exponent bits of 1.0 gives f = 1 + c·2^−B exactly, so c = 2^B (f − 1).
@@ -58,9 +61,18 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms
-from .decode_attention import _combine_kernel, choose_num_splits
+from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, _combine_kernel
 
-__all__ = ["KIVIDecodeConfig", "kivi_cache_attention", "kivi_decode_attention", "kivi_decode_attention_ref"]
+__all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
+           "kivi_decode_attention_ref"]
+
+# Launch shape, from an H100 sweep (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
+# context): one warp per program and 8-token tiles, because a one-warp program reduces with shuffles only (no
+# shared memory, no barriers) and 8-token tiles keep it at ~145 registers, so ~14 programs fit on an SM at once.
+# Programs are cheap, so split finely: at least KIVI_PROGRAMS_PER_SM per SM and at most ~KIVI_TOKENS_PER_SPLIT
+# tokens per program (batch 1: 66 splits beat 33 by 25%; batch 32: 33 splits beat 8 by 6%).
+KIVI_PROGRAMS_PER_SM = 16
+KIVI_TOKENS_PER_SPLIT = 1024
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,13 +83,13 @@ class KIVIDecodeConfig:
     """Launch parameters: tokens per tile (must divide group_size), warps, pipelining depth of the bulk loop's
     word loads (1 = not pipelined)."""
 
-    block_t: int = 32
-    num_warps: int = 4
+    block_t: int = 8
+    num_warps: int = 1
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        if self.block_t not in (8, 16, 32, 64, 128):
-            raise ValueError(f"block_t must be one of (8, 16, 32, 64, 128); got {self.block_t!r}")
+        if self.block_t not in (4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_t must be one of (4, 8, 16, 32, 64, 128); got {self.block_t!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
@@ -87,9 +99,18 @@ class KIVIDecodeConfig:
 def default_config(group_size: int) -> KIVIDecodeConfig:
     if interpreting():
         return KIVIDecodeConfig(block_t=min(group_size, 16), num_warps=4, num_stages=1)
-    # Not pipelined by default: with 4 warps, staging the word loads makes Triton pick a register layout that
-    # costs 3x the instructions per tile (SASS), and on an H100 it was no faster at any batch measured.
-    return KIVIDecodeConfig(block_t=min(group_size, 32), num_warps=4, num_stages=1)
+    # One warp, 8-token tiles, not pipelined (see KIVI_PROGRAMS_PER_SM): on an H100 at 32k context this ran 1.5-2x
+    # faster than the previous default of 4 warps and 32-token tiles; staging the word loads (num_stages 3) was
+    # slower at every batch measured.
+    return KIVIDecodeConfig(block_t=min(group_size, 8), num_warps=1, num_stages=1)
+
+
+def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms: int) -> int:
+    """Token ranges per (batch, query head): at least ``KIVI_PROGRAMS_PER_SM`` programs per SM and at most about
+    ``KIVI_TOKENS_PER_SPLIT`` tokens per program, at least ``MIN_TILES_PER_SPLIT`` tiles each, ≤ ``MAX_SPLITS``."""
+    tiles = cdiv(max(tokens, 1), block_t)
+    want = max(cdiv(KIVI_PROGRAMS_PER_SM * sms, max(batch * q_heads, 1)), cdiv(tokens, KIVI_TOKENS_PER_SPLIT))
+    return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 @triton.jit
@@ -163,7 +184,9 @@ def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
     return (_unpack(words, BITS, CPW) - 1.0) * (1 << BITS)
 
 
-@triton.jit
+# Token counts change every decode step: without do_not_specialize Triton would compile a new variant whenever
+# their divisibility by 16 changes (seconds of JIT inside a generation loop).
+@triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "tokens_per_split"])
 def _kivi_split_kernel(
     Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse,
     sq_b, sq_h, sq_d,
@@ -358,7 +381,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
             residuals have ``q``'s dtype and may hold 0 tokens.  Any strides.
         bits, group_size: how the codes were made.
         scale: softmax scale, default ``1/sqrt(D)``.
-        num_splits: token ranges per (batch, head); default fills the GPU (see ``choose_num_splits``).
+        num_splits: token ranges per (batch, head); default from :func:`choose_kivi_splits`.
         return_lse: also return the natural-log log-sum-exp ``[B, H_q]`` (fp32).
         config: :class:`KIVIDecodeConfig`; ``block_t`` must divide ``group_size``.
 
@@ -386,7 +409,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     # Tokens whose key AND value are quantized, cut at a tile boundary: the branch-free bulk loop runs over them.
     bulk = min(n_k, n_v) // bt * bt
     if num_splits is None:
-        splits = choose_num_splits(b, h_q, t, bt, num_sms(q.device))
+        splits = choose_kivi_splits(b, h_q, t, bt, num_sms(q.device))
     else:
         splits = num_splits
     tokens_per_split = cdiv(cdiv(t, bt), splits) * bt  # tile-aligned ranges

@@ -271,11 +271,13 @@ def test_kernel_explicit_configs(config):
 # Launch heuristics and helpers
 # =========================================================================================================
 @pytest.mark.parametrize("args,want", [
-    ((1, 8, 4096, 64, 132), 32),  # wants cdiv(2·132, 8) = 33 programs per head, but only 64 tiles / 2 per split
+    ((1, 8, 4096, 64, 132), 32),  # wants 2·132 / 8 = 33 programs per head, but only 64 tiles / 2 per split
     ((1, 8, 1 << 20, 64, 132), 33),  # long context: 2 programs per SM
-    ((8, 8, 32768, 64, 132), 5),  # cdiv(264, 64 pairs): rounded up
-    ((32, 8, 4096, 64, 132), 2),  # 256 pairs: just under 2·132, so 2 splits
-    ((64, 8, 4096, 64, 132), 1),  # 512 (batch, head) pairs already fill 2·132
+    ((8, 8, 32768, 64, 132), 4),  # 264 / 64 pairs = 4.1: rounded to the nearest
+    ((4, 8, 32768, 64, 132), 8),  # 264 / 32 = 8.25
+    ((16, 8, 32768, 64, 132), 2),  # 264 / 128 = 2.06
+    ((32, 8, 4096, 64, 132), 1),  # 256 pairs: about 2·132 already, so no split (and no combine launch)
+    ((64, 8, 4096, 64, 132), 1),  # 512 (batch, head) pairs more than fill 2·132
     ((1, 1, 1, 64, 132), 1),  # a single tile cannot be split
     ((1, 1, 1 << 24, 64, 1000), MAX_SPLITS),  # capped
 ])
