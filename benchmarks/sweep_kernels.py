@@ -1,7 +1,7 @@
 """Launch-configuration sweep for the two decode kernels on the shapes their issues judge (a tuning aid).
 
 * ``kvkernels.kivi_decode_attention`` (KIVI-2, MHA H = 32, D = 128, G = 32, R = 128, fp16) at 32k context,
-  batch 1 / 4 / 8 / 32: tokens per tile × warps × pipeline stages × split count (8 … 256 programs per SM),
+  batch 1 / 4 / 8 / 32: tokens per tile × warps × register cap × split count (8 … 256 programs per SM),
   against fp16 SDPA on the same shape.
 * ``kvkernels.decode_attention`` (H_q = 32, H_kv = 8, D = 128, fp16) on the shapes where it trailed SDPA:
   tile × warps × stages × split count.
@@ -67,7 +67,7 @@ def sweep_kivi(copy_bw: float, reps: int, batches=(1, 4, 8, 32), ctx: int = 3276
     from bench_kivi import D, G, H, kivi_bytes, random_kivi_state
     from kvkernels.kivi_attention import KIVIDecodeConfig, choose_kivi_splits, kivi_decode_attention
 
-    cols = ["B", "context", "block_t", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW",
+    cols = ["B", "context", "block_t", "num_warps", "maxnreg", "num_splits", "µs", "% of copy BW",
             "× vs SDPA", "best?"]
     table = Table(f"KIVI-2 fused decode attention: launch-config sweep (H={H}, D={D}, G={G}, fp16)", cols)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -80,11 +80,12 @@ def sweep_kivi(copy_bw: float, reps: int, batches=(1, 4, 8, 32), ctx: int = 3276
         del k, v  # free the fp16 cache before timing KIVI
         torch.cuda.empty_cache()
         configs = []
-        for bt, nw, ns in ((8, 1, 1), (4, 1, 1), (16, 1, 1), (16, 2, 1), (32, 4, 1), (8, 1, 3)):
+        for bt, nw, mr in ((8, 1, 128), (8, 1, None), (8, 1, 96), (16, 1, None), (16, 1, 128), (4, 1, 80),
+                           (32, 4, None)):
             # split counts giving 8 … 256 programs per SM (at most 2 tiles per split, as choose_kivi_splits)
             tries = {max(1, min(round(p * sms / (b * H)), t // (2 * bt), 1024)) for p in (8, 16, 32, 64, 128, 256)}
-            configs.append(({"block_t": bt, "num_warps": nw, "num_stages": ns},
-                            KIVIDecodeConfig(block_t=bt, num_warps=nw, num_stages=ns),
+            configs.append(({"block_t": bt, "num_warps": nw, "maxnreg": mr},
+                            KIVIDecodeConfig(block_t=bt, num_warps=nw, maxnreg=mr),
                             choose_kivi_splits(b, H, t, bt, sms), tries))
         _time_configs(table, f"KIVI B={b}", configs,
                       functools.partial(kivi_decode_attention, q, *state, bits=2, group_size=G),

@@ -13,24 +13,25 @@ Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along chan
 
 Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
 
-The algebra that keeps the unpacking short (one rotate, one logic op and one multiply-add per code).  The whole
-bulk loop is longer: compiled for sm_90 by Triton 3.6 with the default launch (one warp, 8-token tiles) it is 482
-SASS instructions per thread per tile, i.e. ~7.5 per code once reductions, scale loads and the softmax are
-counted (an H100 issues 128 per SM per clock), with 145 registers and no barriers.  Measured on an H100 at 32k
-context it runs at 26–38% of the copy bandwidth and 1.5–2x faster than fp16 SDPA decode
-(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  A
-tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
-branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between
-the unpack and the dot (shared-memory round trips, register moves) ate the savings.
+The algebra that keeps the unpacking short (one rotate, one logic op and one multiply-add per code).  Compiled for
+sm_90 by Triton 3.6 with the default launch (one warp, 8-token tiles, ≤ 128 registers) the bulk loop is ~338 SASS
+instructions per thread per tile (~5.3 per code, counting reductions, scale math and the softmax).  Instructions
+are not what limits it: on an H100 a version with 30% fewer instructions ran no faster, while loading the next
+tile during the current one (the register double buffer in the bulk loop) and fitting more warps per SM each
+gained 10–20%.  At 32k context it reads at 31–51% of the copy bandwidth, 1.8–2.6x faster than fp16 SDPA decode
+(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow; that
+needs more bytes in flight per SM than one-warp programs with register buffers hold.  A tensor-core variant
+(codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git branch
+``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between the
+unpack and the dot (shared-memory round trips, register moves) ate the savings.
 
 * **Codes as floats without a conversion instruction.**  Rotating a word so that code c sits at the top of an fp32
   mantissa and OR-ing the exponent bits of 1.0 gives f = 1 + c·2^−B exactly, so c = 2^B (f − 1).
-* **Keys.**  A tile of BLOCK_T tokens lies inside one key group (BLOCK_T | G), so channel d has one scale s_d and
-  zero z_d for the whole tile, and
+* **Keys.**  Within a key group channel d has one scale s_d and zero z_d, and
 
       q·k̂_t = Σ_d q_d (s_d c_td + z_d) = Σ_d (2^B q_d s_d) f_td + Σ_d (q_d z_d − 2^B q_d s_d)
 
-  — the per-channel factor and the constant are computed once per tile; each code costs one multiply-add.
+  — the per-channel factor and the constant are computed once per group; each code costs one multiply-add.
 * **Values** (per-token scale s_{t,g(d)}): p_t v̂_td = (2^B p_t s_{t,g}) f_td + p_t (z_{t,g} − 2^B s_{t,g}).  The
   first term accumulates elementwise in a ``[BLOCK_T, D]`` register accumulator (one multiply-add per code), the
   second per packed word; both are reduced over tokens once, at the end.  The running softmax rescales the
@@ -42,8 +43,10 @@ the unpack and the dot (shared-memory round trips, register moves) ate the savin
 Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) handles a token range and writes a
 partial output with its log2-sum-exp; ``kvkernels.decode_attention``'s combine kernel merges them.  Each query head
 re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
-The bulk of a range (tokens with both key and value quantized) runs a branch-free loop; the short tail (the
-residuals and the value-quantization boundary) a general one.  Offsets that scale with batch, heads or tokens are
+Ranges are whole key groups.  The bulk of a range (tokens with both key and value quantized) runs a branch-free
+loop over key groups — the per-channel key factors once per group — and their tiles, each tile's packed words and
+value scales loaded one tile ahead; the short tail (the residuals and the value-quantization boundary) runs a
+general loop.  Offsets that scale with batch, heads or tokens are
 int64.  Accumulation is fp32; under ``TRITON_INTERPRET=1`` everything is fp32 anyway.
 """
 
@@ -66,11 +69,12 @@ from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, _combine_kernel
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref"]
 
-# Launch shape, from an H100 sweep (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
-# context): one warp per program and 8-token tiles, because a one-warp program reduces with shuffles only (no
-# shared memory, no barriers) and 8-token tiles keep it at ~145 registers, so ~14 programs fit on an SM at once.
-# Programs are cheap, so split finely: at least KIVI_PROGRAMS_PER_SM per SM and at most ~KIVI_TOKENS_PER_SPLIT
-# tokens per program (batch 1: 66 splits beat 33 by 25%; batch 32: 33 splits beat 8 by 6%).
+# Launch shape, from H100 sweeps (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
+# context).  The kernel is bound by memory latency, not instructions: cutting its instructions by 30% changed
+# nothing, while loading the next tile during the current one (a register double buffer) gained 10-20%.  So:
+# one warp per program (its reductions are shuffles only: no shared memory, no barriers), 8-token tiles with at
+# most 128 registers so that 16 programs share an SM, and fine splits — at least KIVI_PROGRAMS_PER_SM programs
+# per SM and at most ~KIVI_TOKENS_PER_SPLIT tokens each.
 KIVI_PROGRAMS_PER_SM = 16
 KIVI_TOKENS_PER_SPLIT = 1024
 
@@ -80,29 +84,30 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class KIVIDecodeConfig:
-    """Launch parameters: tokens per tile (must divide group_size), warps, pipelining depth of the bulk loop's
-    word loads (1 = not pipelined)."""
+    """Launch parameters: tokens per tile (must divide group_size), warps per program, and a cap on registers per
+    thread (``maxnreg``, None = the compiler's choice; ignored under the interpreter).  There is no pipelining
+    depth: the bulk loop double-buffers its loads in registers itself (Triton's ``num_stages`` on top of that
+    measured the same, ``benchmarks/results/sweep_kivi_h100-sxm.md``)."""
 
     block_t: int = 8
     num_warps: int = 1
-    num_stages: int = 1
+    maxnreg: int | None = 128
 
     def __post_init__(self) -> None:
         if self.block_t not in (4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_t must be one of (4, 8, 16, 32, 64, 128); got {self.block_t!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {self.num_warps!r}")
-        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
-            raise ValueError(f"num_stages must be an int in [1, 8]; got {self.num_stages!r}")
+        if self.maxnreg is not None and (not isinstance(self.maxnreg, int) or isinstance(self.maxnreg, bool)
+                                         or not 24 <= self.maxnreg <= 255):
+            raise ValueError(f"maxnreg must be None or an int in [24, 255]; got {self.maxnreg!r}")
 
 
 def default_config(group_size: int) -> KIVIDecodeConfig:
     if interpreting():
-        return KIVIDecodeConfig(block_t=min(group_size, 16), num_warps=4, num_stages=1)
-    # One warp, 8-token tiles, not pipelined (see KIVI_PROGRAMS_PER_SM): on an H100 at 32k context this ran 1.5-2x
-    # faster than the previous default of 4 warps and 32-token tiles; staging the word loads (num_stages 3) was
-    # slower at every batch measured.
-    return KIVIDecodeConfig(block_t=min(group_size, 8), num_warps=1, num_stages=1)
+        return KIVIDecodeConfig(block_t=min(group_size, 16), num_warps=4, maxnreg=None)
+    # One warp, 8-token tiles, at most 128 registers (16 programs per SM): see KIVI_PROGRAMS_PER_SM.
+    return KIVIDecodeConfig(block_t=min(group_size, 8), num_warps=1, maxnreg=128)
 
 
 def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms: int) -> int:
@@ -168,20 +173,22 @@ def _sum_codes(x, CPW: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, CPW: tl.constexpr):
+def _unpack(words, one_bits, BITS: tl.constexpr, CPW: tl.constexpr):
     """int32 words ``[T, W]`` → fp32 ``f = 1 + c·2^−B`` for every code c, shaped like :func:`_split_words`.
 
-    Setting the exponent bits of 1.0 over a code placed at the top of the mantissa makes the float without an
-    int→float conversion; callers fold c = 2^B (f − 1) into their scales (one multiply-add per code)."""
+    Setting the exponent bits of 1.0 (``one_bits`` = 0x3F800000) over a code placed at the top of the mantissa makes
+    the float without an int→float conversion; callers fold c = 2^B (f − 1) into their scales (one multiply-add
+    per code).  ``one_bits`` is a kernel *argument*, not a literal: with two literal constants ptxas emits two
+    logic instructions per code (AND, then OR); with one of them in a register it fuses them into one LOP3."""
     MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
-    f = (_split_words(words, BITS, CPW) & MASK) | 0x3F800000
+    f = (_split_words(words, BITS, CPW) & MASK) | one_bits
     return f.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
+def _codes(words, one_bits, BITS: tl.constexpr, CPW: tl.constexpr):
     """The codes c themselves (fp32), for the tail loop where speed does not matter."""
-    return (_unpack(words, BITS, CPW) - 1.0) * (1 << BITS)
+    return (_unpack(words, one_bits, BITS, CPW) - 1.0) * (1 << BITS)
 
 
 # Token counts change every decode step: without do_not_specialize Triton would compile a new variant whenever
@@ -196,9 +203,9 @@ def _kivi_split_kernel(
     svc_b, svc_h, svc_t, svc_w,
     svs_b, svs_h, svs_t, svs_g,
     svr_b, svr_h, svr_t, svr_d,
-    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
+    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2, ONE_BITS,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr,
+    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # Tiles are [BLOCK_T, BLOCK_W, 2, …, 2]: token, packed word, then the code's position in its word split
     # into binary axes by tl.join (see _split_words).  Every thread unpacks and multiplies whole words in its own
@@ -233,40 +240,61 @@ def _kivi_split_kernel(
     m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)  # running max (log2 units), a scalar
     l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)  # running denominator
     # running Σ_t p_t v_t, reduced over t at the end; built by _unpack so that it gets _unpack's register layout
-    acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), BITS, CPW) * 0.0
+    acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), ONE_BITS, BITS, CPW) * 0.0
     acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t of the per-word terms, added to every code at the end
 
-    # ---- bulk: key and value both quantized; every tile lies inside one key group (BLOCK_T | G) ----------------
-    # tl.range(num_stages=…) lets Triton software-pipeline the loop's packed-word loads (cp.async through shared
-    # memory, NUM_STAGES − 1 tiles ahead; 1 = off).  A loop without tl.dot is pipelined only when asked like
-    # this; whether it pays depends on the warps per program (it changes the register layout Triton picks), so
-    # it is a tuning knob, measured in benchmarks/results/bench_kivi_attention_*.md.
-    for t0 in tl.range(start, tl.minimum(end, BULK), BLOCK_T, num_stages=NUM_STAGES):
-        t = (t0 + tt).to(tl.int64)[:, None]  # [BLOCK_T, 1]
-        g = t0 // G
-        ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
-        kz = tl.load(kz_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
+    # ---- bulk: key and value both quantized, whole key groups (start, BULK and split ends are multiples of G) ----
+    # The per-channel key factors are computed once per group of G tokens and reused by its G / BLOCK_T tiles.
+    bulk_end = tl.minimum(end, BULK)
+    last = tl.maximum(bulk_end - BLOCK_T, start)  # the last bulk tile: prefetches past it re-read it (no mask)
+    # Tile i's packed words are loaded while tile i − 1 is being computed (a register double buffer): one warp
+    # per program only hides memory latency with loads already in flight.
+    # The first loads are masked off when this split has no bulk tokens (its rows may not exist); inside the loop
+    # the next tile / group is clamped to the last one, which does exist.
+    t = (start + tt).to(tl.int64)[:, None]
+    n_w = WORDS * (start < bulk_end).to(tl.int32)  # WORDS, or 0 to mask everything
+    w_ok1 = w2 < n_w
+    kw_nx = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok1, other=0)
+    vw_nx = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok1, other=0)
+    vs_nx = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok1, other=0.0)
+    vz_nx = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok1, other=0.0)
+    gl = tl.maximum(bulk_end - 1, start) // G  # the last bulk key group
+    ks_nx = tl.load(ks_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
+    kz_nx = tl.load(kz_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
+    for g0 in range(start, bulk_end, G):
+        ks = ks_nx.to(tl.float32)
+        kz = kz_nx.to(tl.float32)
+        gn = tl.minimum(g0 // G + 1, gl)
+        ks_nx = tl.load(ks_base + gn * sks_g + dd * sks_d, mask=d_ok, other=0.0)
+        kz_nx = tl.load(kz_base + gn * sks_g + dd * sks_d, mask=d_ok, other=0.0)
         # q·k̂ = Σ_d q s (c) + q z  with c = 2^B (f − 1):  Σ_d (2^B q s) f + Σ_d (q z − 2^B q s)
         qs = q * ks * (1 << BITS)
         bias = tl.sum(_sum_codes(q * kz - qs, CPW), 1)  # [1]
-        kw = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok2, other=0)  # [BLOCK_T, BLOCK_W]
-        s = tl.sum(_sum_codes(_unpack(kw, BITS, CPW) * qs, CPW), 1) + bias
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        if m_new > m_i:  # rescale the running sums only when the running max grows (rare after the first tiles)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha
-            acc_z = acc_z * alpha
-            m_i = m_new
-        p = tl.exp2(s - m_i)  # [BLOCK_T]
-        l_i = l_i + tl.sum(p, 0)
-        vw = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok2, other=0)  # [BLOCK_T, BLOCK_W]
-        vs = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0).to(tl.float32)
-        # p v̂ = p (s c + z) = (2^B p s) f + p (z − 2^B s): the second term is per word, kept in acc_z
-        ps = p[:, None] * vs * (1 << BITS)  # [BLOCK_T, BLOCK_W]
-        acc_z += p[:, None] * vz - ps
-        acc += _unpack(vw, BITS, CPW) * _expand_codes(ps, CPW)
+        for t0 in range(g0, g0 + G, BLOCK_T):
+            kw = kw_nx
+            vw = vw_nx
+            vs = vs_nx.to(tl.float32)
+            vz = vz_nx.to(tl.float32)
+            tn = (tl.minimum(t0 + BLOCK_T, last) + tt).to(tl.int64)[:, None]
+            kw_nx = tl.load(kc_base + tn * skc_t + w2 * skc_w, mask=w_ok2, other=0)
+            vw_nx = tl.load(vc_base + tn * svc_t + w2 * svc_w, mask=w_ok2, other=0)
+            vs_nx = tl.load(vs_base + tn * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0)
+            vz_nx = tl.load(vz_base + tn * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0)
+            # one sum over all of a token's codes (a chain of multiply-adds in the thread, then lanes)
+            s = tl.sum(tl.reshape(_unpack(kw, ONE_BITS, BITS, CPW) * qs, [BLOCK_T, BLOCK_W * CPW]), 1) + bias
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            if m_new > m_i:  # rescale the running sums only when the running max grows (rare after a few tiles)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha
+                acc_z = acc_z * alpha
+                m_i = m_new
+            p = tl.exp2(s - m_i)  # [BLOCK_T]
+            l_i = l_i + tl.sum(p, 0)
+            # p v̂ = p (s c + z) = (2^B p s) f + p (z − 2^B s): the second term is per word, kept in acc_z
+            ps = p[:, None] * vs * (1 << BITS)  # [BLOCK_T, BLOCK_W]
+            acc_z += p[:, None] * vz - ps
+            acc += _unpack(vw, ONE_BITS, BITS, CPW) * _expand_codes(ps, CPW)
 
     # ---- tail: residual keys and/or values, and the tile where value quantization ends ------------------------
     for t0 in range(tl.maximum(start, BULK), end, BLOCK_T):
@@ -279,7 +307,7 @@ def _kivi_split_kernel(
             ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
             kz = tl.load(kz_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
             kw = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok2 & t_ok, other=0)
-            s = tl.sum(_sum_codes(_codes(kw, BITS, CPW) * (q * ks), CPW), 1) + tl.sum(_sum_codes(q * kz, CPW), 1)
+            s = tl.sum(_sum_codes(_codes(kw, ONE_BITS, BITS, CPW) * (q * ks), CPW), 1) + tl.sum(_sum_codes(q * kz, CPW), 1)
         else:
             k = tl.load(kr_base + _expand_codes((t - NKQ) * skr_t, CPW) + dd * skr_d,
                         mask=_expand_codes(t_ok & w_ok2, CPW), other=0.0).to(tl.float32)
@@ -294,7 +322,7 @@ def _kivi_split_kernel(
         vw = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok2 & is_q, other=0)
         vs = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
         vz = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
-        vq = _codes(vw, BITS, CPW) * _expand_codes(vs, CPW) + _expand_codes(vz, CPW)
+        vq = _codes(vw, ONE_BITS, BITS, CPW) * _expand_codes(vs, CPW) + _expand_codes(vz, CPW)
         vr = tl.load(vr_base + _expand_codes((t - NVQ) * svr_t, CPW) + dd * svr_d,
                      mask=_expand_codes(is_r & w_ok2, CPW), other=0.0).to(tl.float32)
         v = tl.where(_expand_codes(is_q, CPW), vq, vr)
@@ -407,12 +435,12 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     f = codes_per_word(bits)
     bt = cfg.block_t
     # Tokens whose key AND value are quantized, cut at a tile boundary: the branch-free bulk loop runs over them.
-    bulk = min(n_k, n_v) // bt * bt
+    bulk = min(n_k, n_v) // group_size * group_size
     if num_splits is None:
         splits = choose_kivi_splits(b, h_q, t, bt, num_sms(q.device))
     else:
         splits = num_splits
-    tokens_per_split = cdiv(cdiv(t, bt), splits) * bt  # tile-aligned ranges
+    tokens_per_split = cdiv(cdiv(t, group_size), splits) * group_size  # ranges of whole key groups
     splits = cdiv(t, tokens_per_split) if num_splits is None else splits
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
@@ -430,10 +458,10 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         *q.stride(),
         *_strides4(k_codes), *_strides4(k_scale), *k_res.stride(),
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
-        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
+        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E, 0x3F800000,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
-        WPG=group_size // f, BLOCK_T=bt, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        WPG=group_size // f, BLOCK_T=bt, num_warps=cfg.num_warps, num_stages=1,
+        **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,

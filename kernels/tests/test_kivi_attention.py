@@ -18,6 +18,7 @@ import torch
 from kvkernels._utils import kernel_device
 from kvkernels.kivi_attention import (
     KIVIDecodeConfig,
+    choose_kivi_splits,
     kivi_cache_attention,
     kivi_decode_attention,
     kivi_decode_attention_ref,
@@ -95,7 +96,7 @@ def test_matches_reference(case, dtype):
 def test_mid_step_state_and_tile_sizes(block_t):
     c = build(1, 2, 192, 32, 2, 32, 64, F16, seed=4, mid_step=True)
     assert c.split(0) == (128, 64, 127, 65)  # after append, before flush: R fp keys, R + 1 fp values
-    check(c, query(1, 2, 32, F16, seed=5), config=KIVIDecodeConfig(block_t=block_t, num_warps=4, num_stages=1))
+    check(c, query(1, 2, 32, F16, seed=5), config=KIVIDecodeConfig(block_t=block_t, num_warps=4))
 
 
 def test_equals_attention_over_what_the_cache_returns():
@@ -118,7 +119,21 @@ def test_scale_argument():
     assert st.k_codes is not None
 
 
+@pytest.mark.parametrize("args,want", [
+    ((1, 32, 32832, 8, 132), 66),  # batch 1: 16 programs per SM → cdiv(16·132, 32) = 66 splits
+    ((32, 32, 32832, 8, 132), 33),  # batch 32: ≤ 1024 tokens per split → cdiv(32832, 1024) = 33
+    ((1, 1, 40, 8, 132), 3),  # only 5 tiles: at least 2 tiles per split
+    ((1, 1, 1 << 24, 8, 132), 128),  # capped at MAX_SPLITS
+])
+def test_choose_kivi_splits_known_answers(args, want):
+    assert choose_kivi_splits(*args) == want
+
+
 def test_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="maxnreg must be None or an int in"):
+        KIVIDecodeConfig(maxnreg=8)
+    with pytest.raises(ValueError, match="block_t must be one of"):
+        KIVIDecodeConfig(block_t=12)
     c = build(1, 1, 70, 32, 2, 16, 32, F32, seed=12)
     st = c.layer_state(0)
     q = query(1, 1, 32, F32, seed=13)
