@@ -12,12 +12,12 @@ checked against the formula.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..cache import KVCache, tensor_bytes
+from ..kv_size import kv_bytes
 
 __all__ = ["kv_shape", "measured_kv_bytes", "theoretical_kv_bytes"]
 
@@ -58,7 +58,7 @@ def theoretical_kv_bytes(
     ):
         raise ValueError(f"bytes_per_elem must be a positive number or a torch.dtype; got {bytes_per_elem!r}")
     layers, kv_heads, head_dim = kv_shape(config)
-    return math.ceil(2 * layers * kv_heads * head_dim * tokens * batch * bytes_per_elem)
+    return kv_bytes(layers, kv_heads, head_dim, tokens, batch, bytes_per_elem)  # the one copy of the equation
 
 
 def measured_kv_bytes(cache: Any) -> int:
