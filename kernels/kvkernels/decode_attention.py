@@ -117,12 +117,23 @@ def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms:
     return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
+def key_mask_args(key_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """The phase-1 kernel's KeyMask argument and its (batch, head, token) strides: a ``[B, T]`` or ``[B, H_kv, T]``
+    bool mask viewed as uint8 (same bytes; Triton loads uint8 portably; head stride 0 for ``[B, T]``), or
+    ``dummy`` and zero strides when there is no mask (never read: HAS_MASK=False)."""
+    if key_mask is None:
+        return dummy, (0, 0, 0)
+    mask = key_mask.view(torch.uint8)
+    return mask, ((mask.stride(0), mask.stride(1), mask.stride(2)) if mask.dim() == 3
+                  else (mask.stride(0), 0, mask.stride(1)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Phase 1: one program per (split, kv_head, batch) streams its token range for all G query heads.
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, KeyMask, SeqLens, MidO, MidLse,
+    Q, K, V, KeyMask, SeqLens, MidO, MidLse, Logits,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -130,7 +141,10 @@ def _split_kv_kernel(
     T, tokens_per_split, qk_scale_log2,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, FP32: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):
+    # STORE_LOGITS (used by kvkernels.decode_attention_mass for H2O) also writes every scaled logit s to
+    # Logits [B, H_q, T] (contiguous fp32): the only difference from plain decoding.
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)  # int64 before any multiplication by a stride
     b = tl.program_id(2).to(tl.int64)
@@ -163,6 +177,7 @@ def _split_kv_kernel(
     v_ptrs = (V + b * stride_vb + kvh * stride_vh + start64 * stride_vt
               + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
     m_ptrs = KeyMask + b * stride_mb + kvh * stride_mh + start64 * stride_mt + offs_n * stride_mt
+    l_ptrs = Logits + (b * h_q + heads)[:, None] * T + start64 + offs_n[None, :]  # row (b, head) of Logits
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_G], tl.float32)  # running denominator
@@ -182,6 +197,9 @@ def _split_kv_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(m_ptrs, mask=n_ok, other=0) != 0)
         s = tl.where(valid[None, :], s, float("-inf"))
+        if STORE_LOGITS:
+            tl.store(l_ptrs, s, mask=g_ok[:, None] & n_ok[None, :])
+            l_ptrs += BLOCK_N
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if HAS_MASK:  # a fully masked tile leaves m_new = -inf; shift by 0 instead to avoid inf - inf
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -299,21 +317,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None
 
     mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
-    if key_mask is not None:
-        mask = key_mask.view(torch.uint8)  # same bytes; Triton loads uint8 portably
-        sm = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask.dim() == 3 else (mask.stride(0), 0, mask.stride(1))
-    else:
-        mask, sm = q, (0, 0, 0)  # never read (HAS_MASK=False)
+    mask, sm = key_mask_args(key_mask, q)
     lens = seq_lens if seq_lens is not None else q  # never read (HAS_LENS=False)
 
     block_d = max(16, next_power_of_2(d))
     _split_kv_kernel[(splits, h_kv, b)](
-        q, k, v, mask, lens, mid_o, mid_lse,
+        q, k, v, mask, lens, mid_o, mid_lse, mid_lse,  # Logits: never written (STORE_LOGITS=False)
         *q.stride(), *k.stride(), *v.stride(), *sm,
         t, tokens_per_split, scale * _LOG2E,
         G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_LOGITS=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,

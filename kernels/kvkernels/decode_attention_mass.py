@@ -7,9 +7,9 @@ GQA group mean of :mod:`refimpl.eviction`).  Done naively in PyTorch this needs 
 attention kernel.  Here one split-KV decode kernel (see :mod:`kvkernels.decode_attention` for the online softmax
 and the split/combine algebra) produces both the output and the mass:
 
-* **phase 1**, one program per (split, KV head, batch), all G query heads of the group as rows of one tile:
-  the usual online-softmax pass over its token range, which also stores the raw logit of every (query head,
-  key) — ``s = scale · log2(e) · ⟨q, k⟩`` in fp32, −∞ for masked keys.  That is 4 bytes per query head per key,
+* **phase 1** is :mod:`kvkernels.decode_attention`'s phase-1 kernel with ``STORE_LOGITS``: one program per
+  (split, KV head, batch), all G query heads of the group as rows of one tile, the usual online-softmax pass over
+  its token range, which also stores the raw logit of every (query head, key) — ``s = scale · log2(e) · ⟨q, k⟩`` in fp32, −∞ for masked keys.  That is 4 bytes per query head per key,
   against 2·D·bytes(dtype) for reading K and V (for D = 128 in fp16: 4·G bytes vs 512, i.e. ~3% at G = 4);
 * **phase 2** is :mod:`kvkernels.decode_attention`'s combine kernel: output and log-sum-exp L per query head;
 * **phase 3**, one program per (token block, KV head, batch): ``p = 2^{s − L·log2 e}`` for the G rows, reduced
@@ -42,95 +42,16 @@ from .decode_attention import (
     MAX_HEAD_DIM,
     DecodeConfig,
     _combine_kernel,
+    _split_kv_kernel,
     choose_num_splits,
     default_config,
+    key_mask_args,
 )
 
 __all__ = ["decode_attention_mass"]
 
 _LOG2E = 1.4426950408889634
 _MASS_BLOCK_N = 128  # tokens per phase-3 program (it only reads G logits per token)
-
-
-@triton.jit
-def _split_kv_logits_kernel(
-    Q, K, V, KeyMask, MidO, MidLse, Logits,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_mb, stride_mh, stride_mt,
-    T, tokens_per_split, qk_scale_log2,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr,
-):
-    split = tl.program_id(0)
-    kvh = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    num_splits = tl.num_programs(0)
-    h_q = tl.num_programs(1) * G
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, T)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_ok = offs_g < G
-    d_ok = offs_d < HEAD_DIM
-    heads = kvh * G + offs_g  # the G query heads of this KV head
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    if FP32:
-        q = q.to(tl.float32)
-
-    start64 = start.to(tl.int64)
-    k_ptrs = (K + b * stride_kb + kvh * stride_kh + start64 * stride_kt
-              + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b * stride_vb + kvh * stride_vh + start64 * stride_vt
-              + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd)
-    m_ptrs = KeyMask + b * stride_mb + kvh * stride_mh + start64 * stride_mt + offs_n * stride_mt
-    # Logits is [B, H_q, T] contiguous fp32: row (b, head) starts at (b * h_q + head) * T
-    l_ptrs = Logits + (b * h_q + heads)[:, None] * T + start64 + offs_n[None, :]
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n_ok = (n0 + offs_n) < end
-        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale_log2
-        valid = n_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptrs, mask=n_ok, other=0) != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        tl.store(l_ptrs, s, mask=g_ok[:, None] & n_ok[None, :])  # the only extra work vs plain decode
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-        m_ptrs += BLOCK_N * stride_mt
-        l_ptrs += BLOCK_N
-
-    has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    rows = (b * h_q + heads) * num_splits + split  # same layout as decode_attention's phase 1
-    tl.store(MidLse + rows, lse2, mask=g_ok)
-    tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -224,19 +145,15 @@ def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor |
     mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     logits = torch.empty((b, h_q, n), dtype=torch.float32, device=q.device)
-    if key_mask is not None:
-        mask = key_mask.view(torch.uint8)
-        sm = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask.dim() == 3 else (mask.stride(0), 0, mask.stride(1))
-    else:
-        mask, sm = q, (0, 0, 0)  # never read
+    mask, sm = key_mask_args(key_mask, q)
     block_g = max(16, next_power_of_2(g))
     block_d = max(16, next_power_of_2(d))
-    _split_kv_logits_kernel[(splits, h_kv, b)](
-        q, k, v, mask, mid_o, mid_lse, logits,
+    _split_kv_kernel[(splits, h_kv, b)](  # decode_attention's phase 1, also storing the logits
+        q, k, v, mask, q, mid_o, mid_lse, logits,  # SeqLens: never read (HAS_LENS=False)
         *q.stride(), *k.stride(), *v.stride(), *sm,
         n, tokens_per_split, scale * _LOG2E,
         G=g, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        HAS_MASK=key_mask is not None, FP32=compute_in_fp32(q.dtype),
+        HAS_MASK=key_mask is not None, HAS_LENS=False, FP32=compute_in_fp32(q.dtype), STORE_LOGITS=True,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _combine_kernel[(h_q, b)](

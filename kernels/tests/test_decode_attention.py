@@ -385,7 +385,7 @@ def split_types(ptr):
             types[a] = "*u8"
         elif a == "SeqLens":
             types[a] = "*i64"
-        elif a in ("MidO", "MidLse"):
+        elif a in ("MidO", "MidLse", "Logits"):
             types[a] = "*fp32"
         elif a == "qk_scale_log2":
             types[a] = "fp32"
@@ -393,16 +393,18 @@ def split_types(ptr):
             types[a] = "i32"  # strides, T, tokens_per_split
     return types
 
-# (pointer type, G, D, BLOCK_N, HAS_MASK, HAS_LENS, FP32): the tensor-core path (fp16/bf16), masks, an odd
-# head dim, a large group, and the IEEE fp32 path.
-for ptr, g, d, bn, mask, lens, fp32 in [("*bf16", 4, 128, 64, False, False, False),
-                                        ("*fp16", 1, 64, 128, True, True, False),
-                                        ("*bf16", 3, 80, 64, True, False, False),
-                                        ("*fp16", 128, 128, 64, False, True, False),
-                                        ("*fp32", 8, 128, 32, False, True, True)]:
+# (pointer type, G, D, BLOCK_N, HAS_MASK, HAS_LENS, FP32, STORE_LOGITS): the tensor-core path (fp16/bf16), masks,
+# an odd head dim, a large group, the IEEE fp32 path, and the logits-storing variant of decode_attention_mass.
+for ptr, g, d, bn, mask, lens, fp32, logits in [("*bf16", 4, 128, 64, False, False, False, False),
+                                                ("*fp16", 1, 64, 128, True, True, False, False),
+                                                ("*bf16", 3, 80, 64, True, False, False, False),
+                                                ("*fp16", 128, 128, 64, False, True, False, False),
+                                                ("*fp32", 8, 128, 32, False, True, True, False),
+                                                ("*bf16", 4, 128, 64, True, False, False, True)]:
     const = dict(G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)),
-                 BLOCK_N=bn, HAS_MASK=mask, HAS_LENS=lens, FP32=fp32, stride_kd=1, stride_vd=1, stride_qd=1)
-    aligned = ("Q", "K", "V", "KeyMask", "SeqLens", "MidO", "MidLse", "stride_qb", "stride_qh", "stride_kb",
+                 BLOCK_N=bn, HAS_MASK=mask, HAS_LENS=lens, FP32=fp32, STORE_LOGITS=logits, stride_kd=1,
+                 stride_vd=1, stride_qd=1)
+    aligned = ("Q", "K", "V", "KeyMask", "SeqLens", "MidO", "MidLse", "Logits", "stride_qb", "stride_qh", "stride_kb",
                "stride_kh", "stride_kt", "stride_vb", "stride_vh", "stride_vt")  # as for contiguous inputs
     k = compile_for_gpu(_split_kv_kernel, split_types(ptr), const, divisible_by_16=aligned)
     assert "mma" in k.asm["ptx"] or fp32, "fp16/bf16 dots should use tensor cores"
