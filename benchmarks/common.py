@@ -148,6 +148,19 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, reps: int = 30) -> dict
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, reps: int = 30,
+                     timer: Callable[..., dict[str, float]] = time_cuda) -> dict[str, float]:
+    """Median time (ms) of each of ``fns``, measured in ``rounds`` interleaved rounds (every function once per
+    round, in turn); the lowest round median is kept for each.  A transient slow spell of the GPU (seen on
+    H100s as one shape's median coming out 1.2-2x its usual value) then costs a round, not the comparison,
+    and every contender gets the same chances."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timer(fn, reps=reps)["median_ms"])
+    return best
+
+
 def measure_copy_bandwidth(nbytes: int = 2 * 2**30, reps: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting the bytes read *and* written (2·nbytes per copy)."""
     if nbytes < 2**30:

@@ -27,6 +27,7 @@ __all__ = [
     "kernel_device",
     "next_power_of_2",
     "num_sms",
+    "use_pdl",
 ]
 
 # The interpreter runs programs one at a time; pretend to have a tiny GPU so split heuristics still split.
@@ -74,6 +75,28 @@ def num_sms(device: torch.device | str) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Programmatic dependent launch (compute capability >= 9.0): a split-KV kernel lets the combine kernel that follows
+# it launch while it still runs (``gdc_launch_dependents``); the combine programs wait in ``gdc_wait`` until the
+# split kernel has finished and its writes are visible.  That hides one kernel-launch latency per call (what
+# matters for short decode calls).  Set ``kvkernels._utils.PDL = False`` to launch the two phases one after the
+# other, e.g. to time the difference.
+PDL = True
+
+
+@functools.cache
+def _cuda_cc_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def use_pdl(device: torch.device | str) -> bool:
+    """Whether to launch a split kernel's combine kernel with programmatic dependent launch (see :data:`PDL`):
+    compiled kernels on a CUDA GPU of compute capability 9.0 or newer, and :data:`PDL` true."""
+    device = torch.device(device)
+    if not PDL or device.type != "cuda" or interpreting():
+        return False
+    return _cuda_cc_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
 def compute_in_fp32(dtype: torch.dtype) -> bool:
     """Whether a kernel should upcast tiles to fp32 before arithmetic: fp32 inputs, or bf16 under the interpreter.
 
@@ -101,9 +124,10 @@ def compile_for_gpu(kernel, arg_types: dict[str, str], constexprs: dict[str, obj
     Needs no GPU: Triton's wheel ships ``ptxas``.  CI uses it to catch errors in the *compiled* code path, which
     the interpreter never exercises.  ``arg_types`` maps every non-constexpr argument to a Triton type string
     (``"*fp16"``, ``"*u8"``, ``"i32"``, ``"fp32"``, ...); ``constexprs`` gives the constexpr values (and may pin
-    ints such as a unit stride, as the JIT would specialise them).  ``divisible_by_16`` names the arguments the
-    JIT would see as multiples of 16 (aligned pointers, strides of contiguous tensors) — without it loads are not
-    vectorised or pipelined; the default ``"pointers"`` marks every pointer argument.  Returns the compiled kernel
+    ints such as a unit stride, as the JIT would specialise them; constexprs with a default may be left out).
+    ``divisible_by_16`` names the arguments the JIT would see as multiples of 16 (aligned pointers, strides of
+    contiguous tensors) — without it loads are not vectorised or pipelined; the default ``"pointers"`` marks every
+    pointer argument.  Returns the compiled kernel
     (``.asm["ptx"]``, ``.metadata.shared``).  Must run without ``TRITON_INTERPRET``.
     """
     import triton
@@ -112,6 +136,11 @@ def compile_for_gpu(kernel, arg_types: dict[str, str], constexprs: dict[str, obj
 
     if interpreting():
         raise RuntimeError("compile_for_gpu needs compiled kernels: run it in a process without TRITON_INTERPRET=1")
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    constexprs = {**{n: v for n, v in defaults.items() if n not in arg_types}, **constexprs}
     missing = [a for a in kernel.arg_names if a not in constexprs and a not in arg_types]
     if missing:
         raise ValueError(f"arg_types must give a type for every non-constexpr argument; missing {missing}")

@@ -19,6 +19,11 @@ elements — and does only ~4·H_q·T·D flops, so it is **memory-bound**: the b
 
        L = log Σ_s e^{L_s},     out = Σ_s e^{L_s − L} o_s.
 
+   On Hopper and newer the two phases overlap their launches (programmatic dependent launch,
+   ``kvkernels._utils.use_pdl``): phase 2 is launched while phase 1 still runs and waits on the device for its
+   results.  On an H100, timed side by side on 16 shapes (fp16/bf16, batch 1–32, 4k–64k tokens), that saved
+   0.2–3.1 µs per call on 15 of them (up to 6% on the shortest calls) and cost 0.5 µs on one.
+
 **GQA** (Ainslie et al. 2023): a phase-1 program owns one (batch, kv_head, split) and *all G query heads of that
 group*: the G queries form the rows of a ``[BLOCK_G, D]`` tile, so every K/V tile is loaded once for the whole
 group and multiplied with ``tl.dot``.  Loading K/V once per query head instead would multiply memory traffic by G.
@@ -45,10 +50,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from refimpl.attention import check_decode_inputs
 
-from ._utils import cdiv, check_launchable, compute_in_fp32, interpreting, next_power_of_2, num_sms
+from ._utils import cdiv, check_launchable, compute_in_fp32, interpreting, next_power_of_2, num_sms, use_pdl
 
 __all__ = [
     "MAX_GROUP_SIZE",
@@ -141,10 +147,12 @@ def _split_kv_kernel(
     T, tokens_per_split, qk_scale_log2,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, FP32: tl.constexpr,
-    STORE_LOGITS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, LAUNCH_DEPS: tl.constexpr = False,
 ):
     # STORE_LOGITS (used by kvkernels.decode_attention_mass for H2O) also writes every scaled logit s to
     # Logits [B, H_q, T] (contiguous fp32): the only difference from plain decoding.
+    if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)  # int64 before any multiplication by a stride
     b = tl.program_id(2).to(tl.int64)
@@ -234,8 +242,10 @@ def _combine_kernel(
     MidO, MidLse, Out, Lse,
     stride_ob, stride_oh, stride_od,
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, WAIT: tl.constexpr = False,
 ):
+    if WAIT:  # launched early (programmatic dependent launch): wait for the split kernel's results
+        gdc_wait()
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     row = b * tl.num_programs(0) + h
@@ -321,16 +331,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None
     lens = seq_lens if seq_lens is not None else q  # never read (HAS_LENS=False)
 
     block_d = max(16, next_power_of_2(d))
+    pdl = use_pdl(q.device)
     _split_kv_kernel[(splits, h_kv, b)](
         q, k, v, mask, lens, mid_o, mid_lse, mid_lse,  # Logits: never written (STORE_LOGITS=False)
         *q.stride(), *k.stride(), *v.stride(), *sm,
         t, tokens_per_split, scale * _LOG2E,
         G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
-        STORE_LOGITS=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_LOGITS=False, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), num_warps=4 if d >= 128 else 2,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
+        num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
     )
     return (out, lse) if return_lse else out

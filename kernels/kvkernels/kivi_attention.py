@@ -13,29 +13,37 @@ Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along chan
 
 Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
 
-The algebra that keeps the unpacking short (one rotate, one logic op and one multiply-add per code).  Compiled for
-sm_90 by Triton 3.6 with the default launch (one warp, 8-token tiles, ≤ 128 registers) the bulk loop is ~338 SASS
-instructions per thread per tile (~5.3 per code, counting reductions, scale math and the softmax).  Instructions
-are not what limits it: on an H100 a version with 30% fewer instructions ran no faster, while loading the next
-tile during the current one (the register double buffer in the bulk loop) and fitting more warps per SM each
-gained 10–20%.  At 32k context it reads at 31–51% of the copy bandwidth, 1.8–2.6x faster than fp16 SDPA decode
-(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow; that
-needs more bytes in flight per SM than one-warp programs with register buffers hold.  A tensor-core variant
-(codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git branch
-``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between the
+The algebra that keeps the unpacking short: one logic op and one multiply-add per code.  Compiled for sm_90 by
+Triton 3.6 with the default launch (one warp, 8-token tiles, ≤ 128 registers) the bulk tile loop is ~233 SASS
+instructions per thread per tile outside its rarely taken rescale branch (~3.6 per code, counting reductions, scale
+math and the softmax).  The version before (the exponent-of-1.0 trick with one rotate per code, addresses
+recomputed per tile, a warp-wide sum of the softmax denominator per tile) ran ~293, and this one is 11–19% faster
+on an H100 (same run, side by side): the kernel is partly instruction-bound.  Before that, loading the next tile
+during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
+gained 10–20%.  At 32k context it reads at 35–65% of the copy bandwidth, 2.0–3.3x faster than fp16 SDPA decode
+(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  A
+tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
+branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between the
 unpack and the dot (shared-memory round trips, register moves) ate the savings.
 
-* **Codes as floats without a conversion instruction.**  Rotating a word so that code c sits at the top of an fp32
-  mantissa and OR-ing the exponent bits of 1.0 gives f = 1 + c·2^−B exactly, so c = 2^B (f − 1).
+* **Codes as denormal floats.**  A word holds F = 32/B codes; code j of its low 16 bits, and code j of the word
+  shifted right by 16 (one shift per word), sits at bits B·j … B·j + B − 1.  AND-ing everything else away and
+  reading the 32 bits as an fp32 (exponent field 0) gives the denormal f = c·2^(B·j − 149) *exactly*: no shift
+  per code, no int→float conversion, and — unlike setting the exponent of 1.0, which makes 1 + c·2^−B — no
+  large constant to cancel later.  fp32 multiply-adds take denormal inputs at full speed (Triton emits
+  ``fma.rn.f32``, not the flush-to-zero form); the factor 2^(149 − B·j) is folded into per-channel constants,
+  split so that no product leaves fp32's normal range: products are 2^−K_KEY (keys) and 2^(K_VAL − 149)
+  (values) times their true size, and one multiply per token (keys) or per program (values) puts it back.
+  Finite while |q_d·s_d| < 2^42 (q including the softmax scale) and for any fp16 value scale.
 * **Keys.**  Within a key group channel d has one scale s_d and zero z_d, and
 
-      q·k̂_t = Σ_d q_d (s_d c_td + z_d) = Σ_d (2^B q_d s_d) f_td + Σ_d (q_d z_d − 2^B q_d s_d)
+      q·k̂_t = Σ_d q_d (s_d c_td + z_d) = 2^K_KEY Σ_d (q_d s_d 2^(149 − K_KEY − B·j_d)) f_td + Σ_d q_d z_d
 
   — the per-channel factor and the constant are computed once per group; each code costs one multiply-add.
-* **Values** (per-token scale s_{t,g(d)}): p_t v̂_td = (2^B p_t s_{t,g}) f_td + p_t (z_{t,g} − 2^B s_{t,g}).  The
-  first term accumulates elementwise in a ``[BLOCK_T, D]`` register accumulator (one multiply-add per code), the
-  second per packed word; both are reduced over tokens once, at the end.  The running softmax rescales the
-  accumulators only when the running maximum grows.
+* **Values** (per-token scale s_{t,g(d)}): p_t v̂_td = 2^(149 − K_VAL − B·j_d) (2^K_VAL p_t s_{t,g}) f_td + p_t z_{t,g}.
+  The first term accumulates elementwise in a ``[BLOCK_T, D]`` register accumulator (one multiply-add per code),
+  the second per packed word; both are reduced over tokens once, at the end, as is the softmax denominator (kept
+  per token slot).  The running softmax rescales the accumulators only when the running maximum grows.
 * **Layout.**  Tiles are ``[tokens, words, 2, …, 2]``: the code-in-word axis is built with ``tl.join``, which keeps
   it inside one thread, so a word is unpacked where it was loaded and the q·k sum over channels is mostly in-thread
   (Triton's default layout would spread it over lanes and pay shuffles per token).
@@ -59,20 +67,21 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
-from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms
+from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
 from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, _combine_kernel
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref"]
 
 # Launch shape, from H100 sweeps (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
-# context).  The kernel is bound by memory latency, not instructions: cutting its instructions by 30% changed
-# nothing, while loading the next tile during the current one (a register double buffer) gained 10-20%.  So:
-# one warp per program (its reductions are shuffles only: no shared memory, no barriers), 8-token tiles with at
+# context), taken before the denormal unpacking (module docstring) and re-checked after it: a version then bound
+# by memory latency gained nothing from 30% fewer instructions and 10-20% from loading the next tile during the
+# current one (a register double buffer).  So: one warp per program (its reductions are shuffles only: no shared memory, no barriers), 8-token tiles with at
 # most 128 registers so that 16 programs share an SM, and fine splits — at least KIVI_PROGRAMS_PER_SM programs
 # per SM and at most ~KIVI_TOKENS_PER_SPLIT tokens each.
 KIVI_PROGRAMS_PER_SM = 16
@@ -118,30 +127,49 @@ def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms:
     return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
-@triton.jit
-def _rotr(x, n: tl.constexpr):
-    """Rotate uint32 ``x`` right by ``n`` bits (one funnel-shift instruction)."""
-    n2: tl.constexpr = n % 32
-    if n2 == 0:
-        return x
-    else:
-        return (x >> n2) | (x << (32 - n2))
+# Power-of-two offsets of the denormal trick (module docstring): products code × factor are ~2^−K_KEY (keys) and
+# ~2^(K_VAL − 149) (values) times their true size, far from fp32's underflow and overflow for any sane q and scales.
+K_KEY = 64
+K_VAL = 100
 
 
 @triton.jit
-def _split_words(x, BITS: tl.constexpr, CPW: tl.constexpr):
-    """int32 words ``[..., W]`` → uint32 ``[..., W, 2, …, 2]`` (log2(CPW) axes of 2): copies of each word, rotated
-    so that code j sits at bits 23−B … 22 (the top of an fp32 mantissa), at index (i_1, …, i_L) with
-    j = Σ_l i_l·2^(L−l).
+def _split_words(x, CPW: tl.constexpr):
+    """int32 words ``[..., W]`` → uint32 ``[..., W, 2, …, 2]`` (log2(CPW) axes of 2) for code j = Σ_l i_l·2^(L−l)
+    at index (i_1, …, i_L): the word itself for codes in its low 16 bits, the word shifted right by 16 for the rest
+    (one shift per word).  :func:`_unpack` masks out the code.
 
     ``tl.join`` adds a minor axis of 2 *within the thread*, so a thread unpacks whole words in its own registers —
-    no data exchange between threads, no reshape.  The rotations compose along the tree: one per code."""
-    SH: tl.constexpr = BITS * CPW // 2
-    x = _rotr(x.to(tl.uint32, bitcast=True), 32 - (23 - BITS))  # code 0 to bits 23-B .. 22
+    no data exchange between threads, no reshape."""
+    x = x.to(tl.uint32, bitcast=True)
     for lvl in tl.static_range(0, 5):
         if (1 << lvl) < CPW:
-            x = tl.join(x, _rotr(x, SH >> lvl))
+            if lvl == 0:
+                x = tl.join(x, x >> 16)
+            else:
+                x = tl.join(x, x)
     return x
+
+
+@triton.jit
+def _code_shifts(like, BITS: tl.constexpr, CPW: tl.constexpr):
+    """int32 ``BITS·j'`` laid out like :func:`_split_words` of ``like`` (an int32 ``[..., W]``): where the code sits
+    in its (shifted) word, j' being its index within its 16-bit half.  The same in every register of a thread, so
+    everything computed from it folds into immediates."""
+    e = like & 0
+    for lvl in tl.static_range(0, 5):
+        if (1 << lvl) < CPW:
+            if lvl == 0:
+                e = tl.join(e, e)
+            else:
+                e = tl.join(e, e + BITS * ((CPW // 2) >> lvl))
+    return e
+
+
+@triton.jit
+def _pow2(e):
+    """Exactly 2^e (fp32) for int32 ``e`` in [−126, 127]: the exponent bits, set directly."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -173,22 +201,21 @@ def _sum_codes(x, CPW: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words, one_bits, BITS: tl.constexpr, CPW: tl.constexpr):
-    """int32 words ``[T, W]`` → fp32 ``f = 1 + c·2^−B`` for every code c, shaped like :func:`_split_words`.
+def _unpack(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """int32 words ``[T, W]`` → fp32 ``f = c·2^(BITS·j' − 149)`` for every code c, shaped like :func:`_split_words`.
 
-    Setting the exponent bits of 1.0 (``one_bits`` = 0x3F800000) over a code placed at the top of the mantissa makes
-    the float without an int→float conversion; callers fold c = 2^B (f − 1) into their scales (one multiply-add
-    per code).  ``one_bits`` is a kernel *argument*, not a literal: with two literal constants ptxas emits two
-    logic instructions per code (AND, then OR); with one of them in a register it fuses them into one LOP3."""
-    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
-    f = (_split_words(words, BITS, CPW) & MASK) | one_bits
-    return f.to(tl.float32, bitcast=True)
+    The code's bits, masked in place and read as an fp32 with a zero exponent field, *are* that denormal number:
+    one AND per code, no shift, no int→float conversion.  Callers fold 2^(149 − BITS·j') into their per-channel or
+    per-position factors (module docstring)."""
+    mask = (((1 << BITS) - 1) << _code_shifts(words, BITS, CPW)).to(tl.uint32, bitcast=True)
+    return (_split_words(words, CPW) & mask).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _codes(words, one_bits, BITS: tl.constexpr, CPW: tl.constexpr):
-    """The codes c themselves (fp32), for the tail loop where speed does not matter."""
-    return (_unpack(words, one_bits, BITS, CPW) - 1.0) * (1 << BITS)
+def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """The codes c themselves (fp32), for the tail loop where speed does not matter:
+    c = f · 2^(149 − BITS·j') in two exact steps (2^149 alone would overflow fp32)."""
+    return _unpack(words, BITS, CPW) * 2.0 ** 100 * _pow2(49 - _code_shifts(words, BITS, CPW))
 
 
 # Token counts change every decode step: without do_not_specialize Triton would compile a new variant whenever
@@ -203,10 +230,13 @@ def _kivi_split_kernel(
     svc_b, svc_h, svc_t, svc_w,
     svs_b, svs_h, svs_t, svs_g,
     svr_b, svr_h, svr_t, svr_d,
-    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2, ONE_BITS,
+    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, K_K: tl.constexpr, K_V: tl.constexpr,
+    LAUNCH_DEPS: tl.constexpr = False,
 ):
+    if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
+        gdc_launch_dependents()
     # Tiles are [BLOCK_T, BLOCK_W, 2, …, 2]: token, packed word, then the code's position in its word split
     # into binary axes by tl.join (see _split_words).  Every thread unpacks and multiplies whole words in its own
     # registers; q·k sums a word's codes in-thread before any cross-lane reduction.
@@ -228,6 +258,8 @@ def _kivi_split_kernel(
     vgrp2 = w2 // WPG  # value group of each word
 
     q = tl.load(Q + b * sq_b + h * sq_h + dd * sq_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale_log2
+    # key factor per channel: 2^(149 − K_K − B·j') turns the denormal f = c·2^(B·j' − 149) into c·2^−K_K
+    q_f = q * _pow2(149 - K_K - _code_shifts(w2, BITS, CPW))
     kc_base = KC + b * skc_b + kvh * skc_h
     ks_base = KS + b * sks_b + kvh * sks_h
     kz_base = KZ + b * sks_b + kvh * sks_h
@@ -238,26 +270,31 @@ def _kivi_split_kernel(
     vr_base = VR + b * svr_b + kvh * svr_h
 
     m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)  # running max (log2 units), a scalar
-    l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)  # running denominator
-    # running Σ_t p_t v_t, reduced over t at the end; built by _unpack so that it gets _unpack's register layout
-    acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), ONE_BITS, BITS, CPW) * 0.0
-    acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t of the per-word terms, added to every code at the end
+    l_t = tl.zeros([BLOCK_T], tl.float32)  # running denominator per token slot, summed once at the end
+    # running Σ_t p_t s_t f_t (scaled), reduced over t at the end; built by _unpack to get its register layout
+    acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), BITS, CPW) * 0.0
+    acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t p_t z_t per word, added to every code at the end
 
     # ---- bulk: key and value both quantized, whole key groups (start, BULK and split ends are multiples of G) ----
     # The per-channel key factors are computed once per group of G tokens and reused by its G / BLOCK_T tiles.
     bulk_end = tl.minimum(end, BULK)
     last = tl.maximum(bulk_end - BLOCK_T, start)  # the last bulk tile: prefetches past it re-read it (no mask)
     # Tile i's packed words are loaded while tile i − 1 is being computed (a register double buffer): one warp
-    # per program only hides memory latency with loads already in flight.
+    # per program only hides memory latency with loads already in flight.  A tile's addresses are a scalar base
+    # (uniform registers) plus loop-invariant per-element offsets: one 64-bit add per load.
     # The first loads are masked off when this split has no bulk tokens (its rows may not exist); inside the loop
     # the next tile / group is clamped to the last one, which does exist.
-    t = (start + tt).to(tl.int64)[:, None]
+    t64 = tt.to(tl.int64)[:, None]
+    off_kw = t64 * skc_t + w2 * skc_w
+    off_vw = t64 * svc_t + w2 * svc_w
+    off_vs = t64 * svs_t + vgrp2 * svs_g
+    t_s = start.to(tl.int64)
     n_w = WORDS * (start < bulk_end).to(tl.int32)  # WORDS, or 0 to mask everything
     w_ok1 = w2 < n_w
-    kw_nx = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok1, other=0)
-    vw_nx = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok1, other=0)
-    vs_nx = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok1, other=0.0)
-    vz_nx = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok1, other=0.0)
+    kw_nx = tl.load(kc_base + t_s * skc_t + off_kw, mask=w_ok1, other=0)
+    vw_nx = tl.load(vc_base + t_s * svc_t + off_vw, mask=w_ok1, other=0)
+    vs_nx = tl.load(vs_base + t_s * svs_t + off_vs, mask=w_ok1, other=0.0)
+    vz_nx = tl.load(vz_base + t_s * svs_t + off_vs, mask=w_ok1, other=0.0)
     gl = tl.maximum(bulk_end - 1, start) // G  # the last bulk key group
     ks_nx = tl.load(ks_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
     kz_nx = tl.load(kz_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
@@ -267,34 +304,36 @@ def _kivi_split_kernel(
         gn = tl.minimum(g0 // G + 1, gl)
         ks_nx = tl.load(ks_base + gn * sks_g + dd * sks_d, mask=d_ok, other=0.0)
         kz_nx = tl.load(kz_base + gn * sks_g + dd * sks_d, mask=d_ok, other=0.0)
-        # q·k̂ = Σ_d q s (c) + q z  with c = 2^B (f − 1):  Σ_d (2^B q s) f + Σ_d (q z − 2^B q s)
-        qs = q * ks * (1 << BITS)
-        bias = tl.sum(_sum_codes(q * kz - qs, CPW), 1)  # [1]
+        # q·k̂ = Σ_d q_d (s_d c_d + z_d) = 2^K_K Σ_d (q_d s_d 2^(149 − K_K − B·j')) f_d + Σ_d q_d z_d
+        qs = q_f * ks
+        bias = tl.sum(_sum_codes(q * kz, CPW), 1)  # [1]
         for t0 in range(g0, g0 + G, BLOCK_T):
             kw = kw_nx
             vw = vw_nx
             vs = vs_nx.to(tl.float32)
             vz = vz_nx.to(tl.float32)
-            tn = (tl.minimum(t0 + BLOCK_T, last) + tt).to(tl.int64)[:, None]
-            kw_nx = tl.load(kc_base + tn * skc_t + w2 * skc_w, mask=w_ok2, other=0)
-            vw_nx = tl.load(vc_base + tn * svc_t + w2 * svc_w, mask=w_ok2, other=0)
-            vs_nx = tl.load(vs_base + tn * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0)
-            vz_nx = tl.load(vz_base + tn * svs_t + vgrp2 * svs_g, mask=w_ok2, other=0.0)
+            tn = tl.minimum(t0 + BLOCK_T, last).to(tl.int64)
+            kw_nx = tl.load(kc_base + tn * skc_t + off_kw, mask=w_ok2, other=0)
+            vw_nx = tl.load(vc_base + tn * svc_t + off_vw, mask=w_ok2, other=0)
+            vs_nx = tl.load(vs_base + tn * svs_t + off_vs, mask=w_ok2, other=0.0)
+            vz_nx = tl.load(vz_base + tn * svs_t + off_vs, mask=w_ok2, other=0.0)
             # one sum over all of a token's codes (a chain of multiply-adds in the thread, then lanes)
-            s = tl.sum(tl.reshape(_unpack(kw, ONE_BITS, BITS, CPW) * qs, [BLOCK_T, BLOCK_W * CPW]), 1) + bias
+            s = tl.sum(tl.reshape(_unpack(kw, BITS, CPW) * qs, [BLOCK_T, BLOCK_W * CPW]), 1) * (2.0 ** K_K) + bias
             m_new = tl.maximum(m_i, tl.max(s, 0))
             if m_new > m_i:  # rescale the running sums only when the running max grows (rare after a few tiles)
                 alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
+                l_t = l_t * alpha
                 acc = acc * alpha
                 acc_z = acc_z * alpha
                 m_i = m_new
             p = tl.exp2(s - m_i)  # [BLOCK_T]
-            l_i = l_i + tl.sum(p, 0)
-            # p v̂ = p (s c + z) = (2^B p s) f + p (z − 2^B s): the second term is per word, kept in acc_z
-            ps = p[:, None] * vs * (1 << BITS)  # [BLOCK_T, BLOCK_W]
-            acc_z += p[:, None] * vz - ps
-            acc += _unpack(vw, ONE_BITS, BITS, CPW) * _expand_codes(ps, CPW)
+            l_t += p
+            # p v̂ = p (s c + z) = 2^(149 − K_V − B·j') (2^K_V p s) f + p z: the first factor is applied at the end
+            ps = p[:, None] * vs * (2.0 ** K_V)  # [BLOCK_T, BLOCK_W]
+            acc_z += p[:, None] * vz
+            acc += _unpack(vw, BITS, CPW) * _expand_codes(ps, CPW)
+    # the bulk accumulator in the true scale (2^(149 − K_V − B·j') per code position), so the tail can add to it
+    acc = acc * _pow2(149 - K_V - _code_shifts(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), BITS, CPW))
 
     # ---- tail: residual keys and/or values, and the tile where value quantization ends ------------------------
     for t0 in range(tl.maximum(start, BULK), end, BLOCK_T):
@@ -307,7 +346,7 @@ def _kivi_split_kernel(
             ks = tl.load(ks_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
             kz = tl.load(kz_base + g * sks_g + dd * sks_d, mask=d_ok, other=0.0).to(tl.float32)
             kw = tl.load(kc_base + t * skc_t + w2 * skc_w, mask=w_ok2 & t_ok, other=0)
-            s = tl.sum(_sum_codes(_codes(kw, ONE_BITS, BITS, CPW) * (q * ks), CPW), 1) + tl.sum(_sum_codes(q * kz, CPW), 1)
+            s = tl.sum(_sum_codes(_codes(kw, BITS, CPW) * (q * ks), CPW), 1) + tl.sum(_sum_codes(q * kz, CPW), 1)
         else:
             k = tl.load(kr_base + _expand_codes((t - NKQ) * skr_t, CPW) + dd * skr_d,
                         mask=_expand_codes(t_ok & w_ok2, CPW), other=0.0).to(tl.float32)
@@ -316,13 +355,13 @@ def _kivi_split_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
+        l_t = l_t * alpha + p
         is_q = t_ok & (t < NVQ)  # [BLOCK_T, 1]
         is_r = t_ok & (t >= NVQ)
         vw = tl.load(vc_base + t * svc_t + w2 * svc_w, mask=w_ok2 & is_q, other=0)
         vs = tl.load(vs_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
         vz = tl.load(vz_base + t * svs_t + vgrp2 * svs_g, mask=w_ok2 & is_q, other=0.0).to(tl.float32)
-        vq = _codes(vw, ONE_BITS, BITS, CPW) * _expand_codes(vs, CPW) + _expand_codes(vz, CPW)
+        vq = _codes(vw, BITS, CPW) * _expand_codes(vs, CPW) + _expand_codes(vz, CPW)
         vr = tl.load(vr_base + _expand_codes((t - NVQ) * svr_t, CPW) + dd * svr_d,
                      mask=_expand_codes(is_r & w_ok2, CPW), other=0.0).to(tl.float32)
         v = tl.where(_expand_codes(is_q, CPW), vq, vr)
@@ -331,6 +370,7 @@ def _kivi_split_kernel(
         m_i = m_new
 
     # ---- partial result of this split: normalised output and log2-sum-exp (−inf for an empty split) -----------
+    l_i = tl.sum(l_t, 0)
     has = l_i > 0.0
     o = tl.sum(acc + _expand_codes(acc_z, CPW), 0) / tl.where(has, l_i, 1.0)  # [BLOCK_W, 2, …]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -453,20 +493,21 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
     words = d // f
+    pdl = use_pdl(q.device)
     _kivi_split_kernel[(splits, h_q, b)](
         q, kc, ks, kz, k_res, vc, vs, vz, v_res, mid_o, mid_lse,
         *q.stride(),
         *_strides4(k_codes), *_strides4(k_scale), *k_res.stride(),
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
-        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E, 0x3F800000,
+        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
-        WPG=group_size // f, BLOCK_T=bt, num_warps=cfg.num_warps, num_stages=1,
+        WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)),
-        num_warps=4 if d >= 128 else 2,
+        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
+        num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
     )
     return (out, lse) if return_lse else out
 

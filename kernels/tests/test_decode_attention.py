@@ -412,7 +412,11 @@ for ptr, g, d, bn, mask, lens, fp32, logits in [("*bf16", 4, 128, 64, False, Fal
 for ptr in ("*fp16", "*bf16", "*fp32"):
     types = {"MidO": "*fp32", "MidLse": "*fp32", "Out": ptr, "Lse": "*fp32", "stride_ob": "i32", "stride_oh": "i32",
              "stride_od": "i32", "num_splits": "i32"}
-    compile_for_gpu(_combine_kernel, types, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32), num_stages=1)
+    wait = ptr == "*fp16"  # once with programmatic dependent launch (kvkernels._utils.use_pdl)
+    k = compile_for_gpu(_combine_kernel, types, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32, WAIT=wait), num_stages=1)
+    assert ("griddepcontrol.wait" in k.asm["ptx"]) == wait
+k = compile_for_gpu(_split_kv_kernel, split_types("*fp16"), dict(const, LAUNCH_DEPS=True), divisible_by_16=aligned)
+assert "griddepcontrol.launch_dependents" in k.asm["ptx"]
 print("compiled ok")
 """
 

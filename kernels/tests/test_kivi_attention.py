@@ -92,6 +92,28 @@ def test_matches_reference(case, dtype):
     check(c, query(b, h_kv * gq, d, dtype, seed=t + 1), num_splits=splits)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k_mag,v_mag,q_mag", [(1e3, 1e-3, 1.0), (1e-3, 1e3, 30.0), (30.0, 30.0, 1e-3)])
+def test_wide_magnitudes(bits, k_mag, v_mag, q_mag):
+    """The kernel multiplies codes read as *denormal* floats by factors up to ~2^85 (module docstring); keys,
+    values and queries over six orders of magnitude must neither underflow nor overflow.  On a GPU this also
+    checks that the compiled multiply-adds keep denormal inputs (no flush to zero)."""
+    g = torch.Generator().manual_seed(bits)
+    k = torch.randn(1, 2, 170, 64, generator=g) * k_mag
+    k[..., 5] += 4 * k_mag
+    v = torch.randn(1, 2, 170, 64, generator=g) * v_mag
+    c = KIVICache(1, bits=bits, group_size=32, residual_length=32)
+    c.update(0, k.to(DEV), v.to(DEV))
+    q = (torch.randn(1, 4, 64, generator=g) * q_mag).to(DEV)
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    out = kivi_decode_attention(q, *args, bits=bits, group_size=32).cpu()
+    want = kivi_decode_attention_ref(q.cpu(), *(None if a is None else a.cpu() for a in args), bits=bits,
+                                     group_size=32)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_t", [8, 16, 32])
 def test_mid_step_state_and_tile_sizes(block_t):
     c = build(1, 2, 192, 32, 2, 32, 64, F16, seed=4, mid_step=True)
