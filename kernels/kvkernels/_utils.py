@@ -62,6 +62,10 @@ def check_launchable(*tensors: Tensor) -> None:
         )
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -72,7 +76,7 @@ def num_sms(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type != "cuda" or interpreting():
         return INTERPRETER_NUM_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sms(_cuda_index(device))
 
 
 # Programmatic dependent launch (compute capability >= 9.0): a split-KV kernel lets the combine kernel that follows
@@ -94,7 +98,7 @@ def use_pdl(device: torch.device | str) -> bool:
     device = torch.device(device)
     if not PDL or device.type != "cuda" or interpreting():
         return False
-    return _cuda_cc_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return _cuda_cc_major(_cuda_index(device)) >= 9
 
 
 def compute_in_fp32(dtype: torch.dtype) -> bool:

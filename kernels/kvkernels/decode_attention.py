@@ -276,6 +276,19 @@ def _combine_kernel(
     tl.store(Lse + row, lse_nat)
 
 
+def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, pdl: bool = False) -> None:
+    """Phase 2 for any split kernel that writes this module's partial layout (``mid_o [B, H_q, S, D]``,
+    ``mid_lse [B, H_q, S]`` fp32, log2 units): merges the S partials into ``out [B, H_q, D]`` and the natural-log
+    ``lse [B, H_q]``.  ``pdl``: the split kernel was launched with ``LAUNCH_DEPS`` (``_utils.use_pdl``), so this
+    one launches early and waits on the device."""
+    b, h_q, splits, d = mid_o.shape
+    _combine_kernel[(h_q, b)](
+        mid_o, mid_lse, out, lse, *out.stride(), splits,
+        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
+        num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Python entry point
 # ---------------------------------------------------------------------------------------------------------
@@ -340,9 +353,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None
         HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
         STORE_LOGITS=False, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _combine_kernel[(h_q, b)](
-        mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
-        num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
-    )
+    launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
     return (out, lse) if return_lse else out

@@ -9,8 +9,9 @@ and the split/combine algebra) produces both the output and the mass:
 
 * **phase 1** is :mod:`kvkernels.decode_attention`'s phase-1 kernel with ``STORE_LOGITS``: one program per
   (split, KV head, batch), all G query heads of the group as rows of one tile, the usual online-softmax pass over
-  its token range, which also stores the raw logit of every (query head, key) — ``s = scale · log2(e) · ⟨q, k⟩`` in fp32, −∞ for masked keys.  That is 4 bytes per query head per key,
-  against 2·D·bytes(dtype) for reading K and V (for D = 128 in fp16: 4·G bytes vs 512, i.e. ~3% at G = 4);
+  its token range, which also stores the raw logit of every (query head, key) — ``s = scale · log2(e) · ⟨q, k⟩``
+  in fp32, −∞ for masked keys.  That is 4 bytes per query head per key, against 2·D·bytes(dtype) for reading K
+  and V (for D = 128 in fp16: 4·G bytes vs 512, i.e. ~3% at G = 4);
 * **phase 2** is :mod:`kvkernels.decode_attention`'s combine kernel: output and log-sum-exp L per query head;
 * **phase 3**, one program per (token block, KV head, batch): ``p = 2^{s − L·log2 e}`` for the G rows, reduced
   over the group (mean or max), optionally added in place to the running H2O scores.
@@ -41,11 +42,11 @@ from .decode_attention import (
     MAX_GROUP_SIZE,
     MAX_HEAD_DIM,
     DecodeConfig,
-    _combine_kernel,
     _split_kv_kernel,
     choose_num_splits,
     default_config,
     key_mask_args,
+    launch_combine,
 )
 
 __all__ = ["decode_attention_mass"]
@@ -156,10 +157,7 @@ def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor |
         HAS_MASK=key_mask is not None, HAS_LENS=False, FP32=compute_in_fp32(q.dtype), STORE_LOGITS=True,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _combine_kernel[(h_q, b)](
-        mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=min(32, next_power_of_2(splits)), num_warps=4 if d >= 128 else 2,
-    )
+    launch_combine(mid_o, mid_lse, out, lse)
     block_n = _MASS_BLOCK_N
     _mass_kernel[(cdiv(n, block_n), h_kv, b)](
         logits, lse, mass, *mass.stride(), n,

@@ -73,7 +73,7 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, _combine_kernel
+from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, launch_combine
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref"]
@@ -81,9 +81,9 @@ __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "ki
 # Launch shape, from H100 sweeps (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
 # context), taken before the denormal unpacking (module docstring) and re-checked after it: a version then bound
 # by memory latency gained nothing from 30% fewer instructions and 10-20% from loading the next tile during the
-# current one (a register double buffer).  So: one warp per program (its reductions are shuffles only: no shared memory, no barriers), 8-token tiles with at
-# most 128 registers so that 16 programs share an SM, and fine splits — at least KIVI_PROGRAMS_PER_SM programs
-# per SM and at most ~KIVI_TOKENS_PER_SPLIT tokens each.
+# current one (a register double buffer).  So: one warp per program (its reductions are shuffles only: no shared
+# memory, no barriers), 8-token tiles with at most 128 registers so that 16 programs share an SM, and fine splits
+# — at least KIVI_PROGRAMS_PER_SM programs per SM and at most ~KIVI_TOKENS_PER_SPLIT tokens each.
 KIVI_PROGRAMS_PER_SM = 16
 KIVI_TOKENS_PER_SPLIT = 1024
 
@@ -504,11 +504,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
-    _combine_kernel[(h_q, b)](
-        mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
-        num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
-    )
+    launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
     return (out, lse) if return_lse else out
 
 
