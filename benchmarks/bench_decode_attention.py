@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     table, records = run_grid(dtypes, batches, contexts, copy_bw, sheet, args.reps, rounds=args.rounds)
     notes = summary(records)
     meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}", "shapes": f"H_q={H_Q} H_kv={H_KV} D={HEAD_DIM}",
-            "timing": f"median of {args.reps} calls, L2 flushed before each, CUDA events; lowest median of "
+            "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events; lowest median of "
                       f"{args.rounds} interleaved rounds (kvkernels, then each SDPA backend, per round)"}
     notes = ["Bytes moved = q + K + V read + out written. Roofline = bytes / measured copy bandwidth.",
              "Speed-up > 1 means kvkernels is faster than the fastest SDPA backend on that shape.", ""] + notes

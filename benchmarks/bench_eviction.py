@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(notes[0])
     decode = run_decode(s, batch, contexts, args.budget, dtype, "cuda", args.reps, graph_timer)
     snap = run_snapkv(s, contexts, dtype, "cuda", args.reps, graph_timer)
-    meta = {"timing": f"CUDA graph of one decoding step (all layers), median of {args.reps} replays, L2 flushed",
+    meta = {"timing": f"CUDA graph of one decoding step (all layers), median of {args.reps} replays, L2 flushed (read)",
             "budget": f"{args.budget:.0%} of the context (H2O: half heavy, half recent)",
             "wall_s": f"{time.time() - t0:.0f}"}
     notes += ["", "× full = full-cache step time / this method's step time (higher is faster).",

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = gpu_info()
     copy_bw = measure_copy_bandwidth()
     meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}",
-            "timing": f"median of {args.reps} calls, L2 flushed before each, CUDA events"}
+            "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events"}
     if args.part in ("kivi", "both"):
         t = sweep_kivi(copy_bw, args.reps)
         print(f"wrote {t.write('sweep_kivi', gpu, meta)}")

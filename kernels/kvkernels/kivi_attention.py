@@ -20,9 +20,13 @@ math and the softmax).  The version before (the exponent-of-1.0 trick with one r
 recomputed per tile, a warp-wide sum of the softmax denominator per tile) ran ~293, and this one is 11–19% faster
 on an H100 (same run, side by side): the kernel is partly instruction-bound.  Before that, loading the next tile
 during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
-gained 10–20%.  At 32k context it reads at 35–65% of the copy bandwidth, 2.0–3.3x faster than fp16 SDPA decode
-(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  A
-tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
+gained 10–20%.  At 32k context it reads at 41–65% of the copy bandwidth, 2.2–3.4x faster than fp16 SDPA decode
+(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  What
+bounds it now is instruction issue, not memory (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32
+Nsight Compute counts 77% of issue slots busy, a variant whose loads all hit L1 takes only 23% less time, and
+prefetching 2 or 3 tiles ahead instead of 1 is slower (more registers, spills at the 128 cap).  Giving the tail
+(whose general loop compiles to ~3.8x the bulk loop's instructions per tile) short programs of its own was slower
+too: the extra programs push the batch-1 grid into a second wave.  A tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
 branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between the
 unpack and the dot (shared-memory round trips, register moves) ate the savings.
 
@@ -484,8 +488,10 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     splits = cdiv(t, tokens_per_split) if num_splits is None else splits
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=q.device)
-    dummy_h = torch.zeros(1, dtype=torch.float16, device=q.device)
+    # stand-ins for codes that do not exist yet (never read: the kernel masks every access to them); torch.empty,
+    # not zeros, so that no fill kernel runs before every decode step
+    dummy_i = torch.empty(1, dtype=torch.int32, device=q.device)
+    dummy_h = torch.empty(1, dtype=torch.float16, device=q.device)
     kc, ks, kz = (k_codes, k_scale, k_zero) if k_codes is not None else (dummy_i, dummy_h, dummy_h)
     vc, vs, vz = (v_codes, v_scale, v_zero) if v_codes is not None else (dummy_i, dummy_h, dummy_h)
     mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
