@@ -10,9 +10,10 @@ device-to-device copy (``torch.Tensor.copy_`` of ≥ 1 GB, counting bytes read +
 well-written streaming kernel can actually reach (about 90 % of the datasheet on an H100).
 
 Timing (:func:`time_cuda`): CUDA events around each call, the L2 cache flushed before every call by reading a
-buffer 4x its size (otherwise small caches are served from L2 and beat HBM), warm-up first, median reported.  After the flush the GPU also
-spins for ~0.2 ms, so the host has queued the timed call before the GPU reaches it: Python launch overhead is not
-in the number (as in a CUDA-graph-captured decode step), for our kernel and for the baselines alike.
+buffer 4x its size (otherwise small caches are served from L2 and beat HBM), warm-up first, median reported.
+After the flush the GPU also spins for ~0.2 ms, so the host has queued the timed call before the GPU reaches it:
+Python launch overhead is not in the number (as in a CUDA-graph-captured decode step), for our kernel and for the
+baselines alike.
 
 :class:`Table` prints a markdown table and writes it to ``benchmarks/results/<script>_<gpu>.md`` together with
 the GPU name, the software versions, the date and the command line, so every number in the course can be traced.

@@ -117,10 +117,15 @@ def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:
     """How many token ranges to cut each (batch, kv_head) into: about ``PROGRAMS_PER_SM`` programs per SM."""
-    tiles = cdiv(max(tokens, 1), block_n)
     pairs = max(batch * kv_heads, 1)
     want = (2 * PROGRAMS_PER_SM * sms + pairs) // (2 * pairs)  # round(PROGRAMS_PER_SM * sms / pairs)
-    return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return clamp_splits(want, tokens, block_n)
+
+
+def clamp_splits(want: int, tokens: int, tile: int) -> int:
+    """A split count ``want`` limited to [1, ``MAX_SPLITS``] and to at least ``MIN_TILES_PER_SPLIT`` tiles of
+    ``tile`` tokens per split (shared by the split heuristics of every split-KV kernel here)."""
+    return max(1, min(want, cdiv(cdiv(max(tokens, 1), tile), MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 def key_mask_args(key_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, tuple[int, int, int]]:

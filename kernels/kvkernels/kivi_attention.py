@@ -26,9 +26,10 @@ bounds it now is instruction issue, not memory (benchmarks/results/kivi_experime
 Nsight Compute counts 77% of issue slots busy, a variant whose loads all hit L1 takes only 23% less time, and
 prefetching 2 or 3 tiles ahead instead of 1 is slower (more registers, spills at the 128 cap).  Giving the tail
 (whose general loop compiles to ~3.8x the bulk loop's instructions per tile) short programs of its own was slower
-too: the extra programs push the batch-1 grid into a second wave.  A tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git
-branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between the
-unpack and the dot (shared-memory round trips, register moves) ate the savings.
+too: the extra programs push the batch-1 grid into a second wave.  A tensor-core variant (codes unpacked to fp16
+by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git branch ``exp/kivi-tensor-core``) compiled
+to no fewer instructions per code: Triton's layout conversions between the unpack and the dot (shared-memory round
+trips, register moves) ate the savings.
 
 * **Codes as denormal floats.**  A word holds F = 32/B codes; code j of its low 16 bits, and code j of the word
   shifted right by 16 (one shift per word), sits at bits B·j … B·j + B − 1.  AND-ing everything else away and
@@ -77,7 +78,7 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import MAX_SPLITS, MIN_TILES_PER_SPLIT, launch_combine
+from .decode_attention import clamp_splits, launch_combine
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref"]
@@ -126,9 +127,8 @@ def default_config(group_size: int) -> KIVIDecodeConfig:
 def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms: int) -> int:
     """Token ranges per (batch, query head): at least ``KIVI_PROGRAMS_PER_SM`` programs per SM and at most about
     ``KIVI_TOKENS_PER_SPLIT`` tokens per program, at least ``MIN_TILES_PER_SPLIT`` tiles each, ≤ ``MAX_SPLITS``."""
-    tiles = cdiv(max(tokens, 1), block_t)
     want = max(cdiv(KIVI_PROGRAMS_PER_SM * sms, max(batch * q_heads, 1)), cdiv(tokens, KIVI_TOKENS_PER_SPLIT))
-    return max(1, min(want, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return clamp_splits(want, tokens, block_t)
 
 
 # Power-of-two offsets of the denormal trick (module docstring): products code × factor are ~2^−K_KEY (keys) and
@@ -383,6 +383,13 @@ def _kivi_split_kernel(
     tl.store(MidO + row * (WORDS * CPW) + _split_channels(w1 * CPW, CPW), o, mask=_expand_codes(w1 < WORDS, CPW))
 
 
+def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """int32 codes, fp16 scale and zero arguments for a cache that has no quantized tokens yet.  Never read (the
+    kernel masks every access to them); ``torch.empty``, not zeros, so no fill kernel runs before a decode step."""
+    half = torch.empty(1, dtype=torch.float16, device=device)
+    return torch.empty(1, dtype=torch.int32, device=device), half, half
+
+
 def _strides4(x: Tensor | None) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if x is None else tuple(x.stride())  # type: ignore[return-value]
 
@@ -488,12 +495,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     splits = cdiv(t, tokens_per_split) if num_splits is None else splits
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    # stand-ins for codes that do not exist yet (never read: the kernel masks every access to them); torch.empty,
-    # not zeros, so that no fill kernel runs before every decode step
-    dummy_i = torch.empty(1, dtype=torch.int32, device=q.device)
-    dummy_h = torch.empty(1, dtype=torch.float16, device=q.device)
-    kc, ks, kz = (k_codes, k_scale, k_zero) if k_codes is not None else (dummy_i, dummy_h, dummy_h)
-    vc, vs, vz = (v_codes, v_scale, v_zero) if v_codes is not None else (dummy_i, dummy_h, dummy_h)
+    kc, ks, kz = (k_codes, k_scale, k_zero) if k_codes is not None else _stand_ins(q.device)
+    vc, vs, vz = (v_codes, v_scale, v_zero) if v_codes is not None else _stand_ins(q.device)
     mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
