@@ -39,8 +39,12 @@ Example::
 
     model = enable_kvcourse_attention(AutoModelForCausalLM.from_pretrained(path))
     policy = DenseCache(model.config.num_hidden_layers)            # or any refimpl policy
-    out = model.generate(ids, past_key_values=make_hf_cache(policy), max_new_tokens=32, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(model, make_hf_cache(policy)), max_new_tokens=32, do_sample=False)
     policy.nbytes()                                                # bytes the policy really holds
+
+The cache argument is called ``cache`` from transformers 5.24 on and ``past_key_values`` before (5.24 still
+accepts the old name, with a deprecation warning, until 5.40); :func:`cache_kwargs` picks the one the model's
+``forward`` declares, so the same code runs on both.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed transfor
 __all__ = [
     "ATTENTION_NAME",
     "KVCourseHFCache",
+    "cache_kwargs",
     "disable_kvcourse_attention",
     "enable_kvcourse_attention",
     "is_kvcourse_enabled",
@@ -83,7 +88,7 @@ ATTENTION_NAME = "kvcourse"
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class _Step:
-    cache: KVCourseHFCache | None  # the adapter passed as past_key_values, if any
+    cache: KVCourseHFCache | None  # the adapter passed as cache / past_key_values, if any
     attention_mask: Tensor | None  # 2-D [B, past + new] bool, True = real token
     kvcourse: bool  # the model runs the "kvcourse" attention
 
@@ -236,13 +241,29 @@ class KVCourseHFCache(Cache):
 
 
 def make_hf_cache(policy: KVCache) -> KVCourseHFCache:
-    """Wrap ``policy`` for ``model(..., past_key_values=...)`` / ``model.generate(past_key_values=...)``.
+    """Wrap ``policy`` for ``model(..., **cache_kwargs(model, cache))`` / ``model.generate(...)`` (the argument
+    ``cache`` from transformers 5.24 on, ``past_key_values`` before).
 
     Build the policy with ``num_layers = config.num_hidden_layers``; start ``generate`` from a fresh (or
     ``reset()``) policy.  The adapter keeps no state of its own: wrapping the same policy again for the next
     ``forward`` continues where it stopped (positions come from ``policy.seq_length()``).
     """
     return KVCourseHFCache(policy)
+
+
+_CACHE_ARG_NAMES = ("cache", "past_key_values")  # transformers >= 5.24, then the name before it
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` if ``model.forward`` takes ``cache`` (transformers >= 5.24), else
+    ``{"past_key_values": cache}``: pass it as ``model(ids, **cache_kwargs(model, c))`` or to ``generate``."""
+    params = inspect.signature(model.forward).parameters
+    name = next((n for n in _CACHE_ARG_NAMES if n in params), None)
+    if name is None:
+        raise TypeError(
+            f"{type(model).__name__}.forward takes neither of {_CACHE_ARG_NAMES}; it cannot use a KV cache"
+        )
+    return {name: cache}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +363,9 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise ValueError(
             f"attention_mask must be 2-D [batch, past + new tokens] for kvcourse; got {tuple(am.shape)}"
         )
-    pkv = bound.get("past_key_values")
+    extra = bound.get("kwargs") or {}
+    # the cache argument: ``cache`` from transformers 5.24 on, ``past_key_values`` before (and still accepted)
+    pkv = next((x for x in (bound.get(n, extra.get(n)) for n in _CACHE_ARG_NAMES) if x is not None), None)
     _STEP.set(
         _Step(
             cache=pkv if isinstance(pkv, KVCourseHFCache) else None,

@@ -40,7 +40,8 @@ def main() -> None:
             out = model.generate(ids, max_new_tokens=40, cache=cache)
         else:
             full = model.generate(ids, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
-            out, cache = full.sequences[:, ids.shape[1]:], full.past_key_values
+            out = full.sequences[:, ids.shape[1]:]
+            cache = full["cache"] if "cache" in full else full["past_key_values"]  # renamed in transformers 5.24
     print(f"\n{prompt}{tok.decode(out[0].tolist())}\n")
     n_tok = cache.seq_length(0) if a.backend == "refimpl" else cache.get_seq_length()
     dtype = next(model.parameters()).dtype

@@ -22,7 +22,7 @@ from refimpl.eval import (
     perplexity,
     theoretical_kv_bytes,
 )
-from refimpl.hf_bridge import disable_kvcourse_attention, enable_kvcourse_attention, make_hf_cache
+from refimpl.hf_bridge import cache_kwargs, disable_kvcourse_attention, enable_kvcourse_attention, make_hf_cache
 
 SMALL = {
     "vocab_size": 50,
@@ -186,23 +186,23 @@ def test_policy_with_wrong_layer_count(hf):
     with pytest.raises(
         ValueError, match="num_layers=1; build the policy with num_layers = config.num_hidden_layers"
     ):
-        hf(torch.tensor([[1, 2, 3]]), past_key_values=make_hf_cache(DenseCache(1)))
+        hf(torch.tensor([[1, 2, 3]]), **cache_kwargs(hf, make_hf_cache(DenseCache(1))))
 
 
 def test_attention_scored_policy_without_kvcourse_attention(hf):
     with pytest.raises(
         RuntimeError, match=r"needs_attention\(0\) is True.*enable_kvcourse_attention\(model\)"
     ):
-        hf(torch.tensor([[1, 2, 3]]), past_key_values=make_hf_cache(_NeedsAttention(2)))
+        hf(torch.tensor([[1, 2, 3]]), **cache_kwargs(hf, make_hf_cache(_NeedsAttention(2))))
 
 
 def test_per_layer_budgets_under_sdpa(hf):
     policy = _TrimAfterStep(2, budget=[3, 2])
-    hf(torch.tensor([[1, 2, 3, 4]]), past_key_values=make_hf_cache(policy))
+    hf(torch.tensor([[1, 2, 3, 4]]), **cache_kwargs(hf, make_hf_cache(policy)))
     with pytest.raises(
         RuntimeError, match="layer 1: .*returned 3 entries but the attention mask was built for 4"
     ):
-        hf(torch.tensor([[5]]), past_key_values=make_hf_cache(policy))
+        hf(torch.tensor([[5]]), **cache_kwargs(hf, make_hf_cache(policy)))
 
 
 def test_padding_after_eviction_under_sdpa_is_refused(hf):
@@ -210,12 +210,12 @@ def test_padding_after_eviction_under_sdpa_is_refused(hf):
     try:
         hf.set_attn_implementation("sdpa")  # hook installed, attention switched back by hand
         policy, mask = _TrimAfterStep(2, budget=[3, 3]), torch.tensor([[0, 1, 1, 1, 1]])
-        hf(torch.tensor([[0, 1, 2, 3, 4]]), attention_mask=mask, past_key_values=make_hf_cache(policy))
+        hf(torch.tensor([[0, 1, 2, 3, 4]]), attention_mask=mask, **cache_kwargs(hf, make_hf_cache(policy)))
         with pytest.raises(RuntimeError, match=r"padded batch after eviction \(3 of 5 positions kept\)"):
             hf(
                 torch.tensor([[5]]),
                 attention_mask=torch.cat([mask, mask.new_ones(1, 1)], 1),
-                past_key_values=make_hf_cache(policy),
+                **cache_kwargs(hf, make_hf_cache(policy)),
             )
     finally:
         disable_kvcourse_attention(hf)
@@ -239,7 +239,7 @@ def test_kvcourse_rejects_4d_masks_and_beam_search(hf):
                 num_beams=2,
                 max_new_tokens=2,
                 do_sample=False,
-                past_key_values=make_hf_cache(DenseCache(2)),
+                **cache_kwargs(hf, make_hf_cache(DenseCache(2))),
             )
     finally:
         disable_kvcourse_attention(hf)

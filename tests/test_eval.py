@@ -24,7 +24,7 @@ from refimpl.eval import (
     theoretical_kv_bytes,
 )
 from refimpl.eval.perplexity import window_spans
-from refimpl.hf_bridge import make_hf_cache
+from refimpl.hf_bridge import cache_kwargs, make_hf_cache
 
 plt.switch_backend("Agg")
 ATOL = 1e-5
@@ -262,8 +262,8 @@ def test_measured_equals_theoretical_for_dense_after_forward(models, tokens):
     caches = [DenseCache(L), DynamicCache(), make_hf_cache(DenseCache(L))]
     with torch.no_grad():
         ref(ids, cache=caches[0])
-        hf(ids, past_key_values=caches[1])
-        hf(ids, past_key_values=caches[2])
+        hf(ids, **cache_kwargs(hf, caches[1]))
+        hf(ids, **cache_kwargs(hf, caches[2]))
     assert [measured_kv_bytes(c) for c in caches] == [want] * 3
     evicting = KeepLast(L, 4)
     with torch.no_grad():

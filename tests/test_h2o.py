@@ -271,7 +271,7 @@ def test_hf_generate_matches_refimpl_generate():
     """The same H2O policy behind transformers' generate (kvcourse attention) and refimpl's generate."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from refimpl.hf_bridge import enable_kvcourse_attention, make_hf_cache
+    from refimpl.hf_bridge import cache_kwargs, enable_kvcourse_attention, make_hf_cache
 
     model = tiny_model()
     cfg = model.config
@@ -285,7 +285,7 @@ def test_hf_generate_matches_refimpl_generate():
     am[1, :5] = 0
     ours, theirs = H2OCache(2, 5, 4), H2OCache(2, 5, 4)
     want = model.generate(ids, max_new_tokens=8, cache=ours, attention_mask=am)
-    got = hf.generate(ids, attention_mask=am, past_key_values=make_hf_cache(theirs), max_new_tokens=8,
+    got = hf.generate(ids, attention_mask=am, **cache_kwargs(hf, make_hf_cache(theirs)), max_new_tokens=8,
                       do_sample=False, pad_token_id=0)[:, 24:]
     assert torch.equal(got, want)
     assert theirs.num_entries(0) == 9 and theirs.seq_length(0) == ours.seq_length(0)

@@ -7,6 +7,8 @@ Both models share the same random weights, so any disagreement comes from the ad
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -14,6 +16,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from refimpl import DenseCache, KVCache, LayerKV, LlamaModel
 from refimpl.cache import tensor_bytes
 from refimpl.hf_bridge import (
+    cache_kwargs,
     disable_kvcourse_attention,
     enable_kvcourse_attention,
     is_kvcourse_enabled,
@@ -128,7 +131,7 @@ def _batch(vocab: int, left_pad: bool):
 
 def _generate(hf, ids, mask, cache):
     out = hf.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False
+        input_ids=ids, attention_mask=mask, **cache_kwargs(hf, cache), max_new_tokens=NEW, do_sample=False
     )
     return out[:, ids.shape[1] :]
 
@@ -164,14 +167,14 @@ def test_kvcourse_attention_logits_equal_sdpa(models, kvcourse):
     disable_kvcourse_attention(hf)
     sdpa_full = hf(ids, attention_mask=mask).logits
     sdpa_cache = DynamicCache()
-    hf(ids[:, :6], attention_mask=mask[:, :6], past_key_values=sdpa_cache)
-    sdpa_step = hf(ids[:, 6:], attention_mask=mask, past_key_values=sdpa_cache).logits
+    hf(ids[:, :6], attention_mask=mask[:, :6], **cache_kwargs(hf, sdpa_cache))
+    sdpa_step = hf(ids[:, 6:], attention_mask=mask, **cache_kwargs(hf, sdpa_cache)).logits
     enable_kvcourse_attention(hf)
     got_full = hf(ids, attention_mask=mask).logits  # no cache
     torch.testing.assert_close(got_full[real], sdpa_full[real], atol=ATOL, rtol=0)
     for cache in (DynamicCache(), make_hf_cache(DenseCache(2))):  # contiguous HF cache and the adapter
-        hf(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache)
-        got_step = hf(ids[:, 6:], attention_mask=mask, past_key_values=cache).logits
+        hf(ids[:, :6], attention_mask=mask[:, :6], **cache_kwargs(hf, cache))
+        got_step = hf(ids[:, 6:], attention_mask=mask, **cache_kwargs(hf, cache)).logits
         torch.testing.assert_close(got_step, sdpa_step, atol=ATOL, rtol=0)
 
 
@@ -189,7 +192,7 @@ def _decode_logits(model, ids, policy, steps=3):
         if isinstance(model, LlamaModel):
             logits = model(x, cache=policy).logits
         else:
-            logits = model(input_ids=x, past_key_values=make_hf_cache(policy)).logits
+            logits = model(input_ids=x, **cache_kwargs(model, make_hf_cache(policy))).logits
         out.append(logits[:, -1:] if x is ids else logits)
     return torch.cat(out, 1)
 
@@ -219,10 +222,21 @@ def test_get_mask_sizes_after_eviction(models):
     policy = RecentWindow(2, 5)
     cache = make_hf_cache(policy)
     with torch.no_grad():
-        hf(torch.arange(1, 10)[None], past_key_values=cache)
+        hf(torch.arange(1, 10)[None], **cache_kwargs(hf, cache))
     assert cache.get_seq_length() == 9  # positions (RoPE continues from 9)
     assert cache.get_mask_sizes(1, 0) == (6, 4)  # 5 kept + 1 new, treated as positions 4..9
     assert cache.get_mask_sizes(3, 1) == (8, 4)
+
+
+def test_cache_kwargs_uses_the_name_forward_declares(models):
+    """``cache`` from transformers 5.24 on, ``past_key_values`` before: whichever hf.forward declares."""
+    hf, _ = models
+    c = make_hf_cache(DenseCache(2))
+    (name, value), = cache_kwargs(hf, c).items()
+    assert value is c and name in ("cache", "past_key_values")
+    assert name in inspect.signature(hf.forward).parameters
+    with pytest.raises(TypeError, match=r"Linear.forward takes neither of \('cache', 'past_key_values'\)"):
+        cache_kwargs(torch.nn.Linear(2, 2), c)
 
 
 def test_padded_batch_with_eviction_and_per_layer_budgets(models, kvcourse):
@@ -251,11 +265,11 @@ def test_observe_receives_same_probabilities_as_refimpl(models, kvcourse):
     a, b = Recorder(2), Recorder(2)
     ref(ids, attention_mask=mask, cache=a)
     ref(torch.tensor([[5], [6]]), attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1), cache=a)
-    hf(ids, attention_mask=mask, past_key_values=make_hf_cache(b))
+    hf(ids, attention_mask=mask, **cache_kwargs(hf, make_hf_cache(b)))
     hf(
         torch.tensor([[5], [6]]),
         attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1),
-        past_key_values=make_hf_cache(b),
+        **cache_kwargs(hf, make_hf_cache(b)),
     )
     real = mask.bool()
     for layer in range(2):

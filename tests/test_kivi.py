@@ -332,7 +332,7 @@ def test_logit_error_shrinks_with_more_bits():
 def test_generate_in_transformers_matches_refimpl(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from refimpl.hf_bridge import make_hf_cache
+    from refimpl.hf_bridge import cache_kwargs, make_hf_cache
 
     model = tiny_model()
     model.save_pretrained(tmp_path)
@@ -340,7 +340,7 @@ def test_generate_in_transformers_matches_refimpl(tmp_path):
     ids = torch.randint(0, 97, (2, 45), generator=gen(12))
     want = model.generate(ids, 24, cache=KIVICache(2, bits=2, group_size=16, residual_length=16))
     policy = KIVICache(2, bits=2, group_size=16, residual_length=16)
-    got = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=make_hf_cache(policy),
+    got = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(hf, make_hf_cache(policy)),
                       max_new_tokens=24, do_sample=False)[:, ids.shape[1]:]
     assert torch.equal(got, want)
     t = 45 + 24 - 1

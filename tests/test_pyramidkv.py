@@ -110,7 +110,7 @@ def test_hf_generate_matches_refimpl_generate():
     """Per-layer entry counts differ: transformers' generate needs (and gets) the kvcourse attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from refimpl.hf_bridge import enable_kvcourse_attention, make_hf_cache
+    from refimpl.hf_bridge import cache_kwargs, enable_kvcourse_attention, make_hf_cache
 
     model = tiny_model()
     hf_cfg = LlamaConfig(**{k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "dtype")})
@@ -120,7 +120,7 @@ def test_hf_generate_matches_refimpl_generate():
     enable_kvcourse_attention(hf)
     ids = rand_ids(2, 34)
     policy = PyramidKVCache(3, capacity=12, window=4, kernel_size=3)
-    got = hf.generate(ids, past_key_values=make_hf_cache(policy), max_new_tokens=5, do_sample=False,
+    got = hf.generate(ids, **cache_kwargs(hf, make_hf_cache(policy)), max_new_tokens=5, do_sample=False,
                       pad_token_id=0)[:, 34:]
     ours = PyramidKVCache(3, capacity=12, window=4, kernel_size=3)
     assert torch.equal(got, model.generate(ids, max_new_tokens=5, cache=ours))

@@ -196,7 +196,7 @@ def test_needs_attention_only_for_the_prompt_step():
 def test_hf_generate_matches_refimpl_generate():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from refimpl.hf_bridge import enable_kvcourse_attention, make_hf_cache
+    from refimpl.hf_bridge import cache_kwargs, enable_kvcourse_attention, make_hf_cache
 
     model = tiny_model()
     hf_cfg = LlamaConfig(**{k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "dtype")})
@@ -208,7 +208,7 @@ def test_hf_generate_matches_refimpl_generate():
     am = torch.ones(2, 24, dtype=torch.long)
     am[0, :3] = 0
     policy, ours = SnapKVCache(2, 10, 4, 3), SnapKVCache(2, 10, 4, 3)
-    got = hf.generate(ids, attention_mask=am, past_key_values=make_hf_cache(policy), max_new_tokens=6,
+    got = hf.generate(ids, attention_mask=am, **cache_kwargs(hf, make_hf_cache(policy)), max_new_tokens=6,
                       do_sample=False, pad_token_id=0)[:, 24:]
     assert torch.equal(got, model.generate(ids, max_new_tokens=6, cache=ours, attention_mask=am))
     assert policy.num_entries(0) == 10 + 5 and policy.seq_length(0) == 29

@@ -94,7 +94,7 @@ def test_padded_batch_row_equals_the_row_alone():
 def test_hf_generate_matches_refimpl_generate():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from refimpl.hf_bridge import enable_kvcourse_attention, make_hf_cache
+    from refimpl.hf_bridge import cache_kwargs, enable_kvcourse_attention, make_hf_cache
 
     model = tiny_model()
     hf_cfg = LlamaConfig(**{k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "dtype")})
@@ -104,7 +104,7 @@ def test_hf_generate_matches_refimpl_generate():
     enable_kvcourse_attention(hf)  # the policy drops entries inside update: needs the kvcourse attention
     ids = rand_ids(2, 24)
     policy = StreamingLLMCache(2, 2, 7)
-    got = hf.generate(ids, past_key_values=make_hf_cache(policy), max_new_tokens=8, do_sample=False,
+    got = hf.generate(ids, **cache_kwargs(hf, make_hf_cache(policy)), max_new_tokens=8, do_sample=False,
                       pad_token_id=0)[:, 24:]
     assert torch.equal(got, model.generate(ids, max_new_tokens=8, cache=StreamingLLMCache(2, 2, 7)))
     assert policy.num_entries(0) == 9 and policy.seq_length(0) == 31

@@ -5,7 +5,7 @@ Every evaluation in :mod:`refimpl.eval` drives a model through a KV-cache *polic
 Two model kinds are supported with the same calls:
 
 * :class:`refimpl.model.LlamaModel` — ``model(ids, cache=policy)``;
-* any transformers causal LM — ``model(input_ids=ids, past_key_values=make_hf_cache(policy))`` through
+* any transformers causal LM — ``model(input_ids=ids, **cache_kwargs(model, make_hf_cache(policy)))`` through
   :mod:`refimpl.hf_bridge` (policies that need attention probabilities require
   :func:`refimpl.hf_bridge.enable_kvcourse_attention` on the model first).
 
@@ -98,11 +98,10 @@ class Runner:
         if self.kind == "refimpl":
             out = self.model(ids, cache=cache, logits_to_keep=keep).logits
         else:
-            from ..hf_bridge import make_hf_cache
+            from ..hf_bridge import cache_kwargs, make_hf_cache
 
-            out = self.model(
-                input_ids=ids, past_key_values=make_hf_cache(cache), use_cache=True, logits_to_keep=keep
-            ).logits
+            hf_cache = cache_kwargs(self.model, make_hf_cache(cache))
+            out = self.model(input_ids=ids, **hf_cache, use_cache=True, logits_to_keep=keep).logits
         return out.float()
 
     @torch.no_grad()
