@@ -118,7 +118,10 @@ def software_versions() -> dict[str, str]:
 
 
 _FLUSH: dict[int, torch.Tensor] = {}
-HOST_HEAD_START_CYCLES = 400_000  # ≈ 0.2 ms at 2 GHz: longer than one Python call needs to launch its kernels
+# GPU busy-wait before each timed call, so the host has queued the call before the GPU reaches it: otherwise the
+# measured time includes host time.  ≈ 1 ms at 2 GHz; the 0.2 ms used until 2026-11-24 left little margin over the
+# host time of one Python call of a split-KV kernel (argument checks, two launches).
+HOST_HEAD_START_CYCLES = 2_000_000
 
 
 def _flush_l2() -> None:
@@ -145,7 +148,7 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, reps: int = 30) -> dict
     for s, e in zip(starts, ends):
         _flush_l2()
         if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(HOST_HEAD_START_CYCLES)  # GPU idles ~0.2 ms so the host queues fn() in time
+            torch.cuda._sleep(HOST_HEAD_START_CYCLES)  # GPU waits ~1 ms so the host queues fn() in time
         s.record()
         fn()
         e.record()

@@ -4,7 +4,7 @@
   batch 1 / 4 / 8 / 32: tokens per tile × warps × register cap × split count (8 … 256 programs per SM),
   against fp16 SDPA on the same shape.
 * ``kvkernels.decode_attention`` (H_q = 32, H_kv = 8, D = 128, fp16) on the shapes where it trailed SDPA:
-  tile × warps × stages × split count.
+  tile × pipeline stages × split count (about 1 and 2 programs per SM).
 
 Every row is timed in this run (median of ``--reps`` calls, L2 flushed before each, ``common.time_cuda``); the
 fastest configuration per shape is marked.  ``default_config`` / ``choose_num_splits`` / ``choose_kivi_splits`` are set
@@ -95,14 +95,13 @@ def sweep_kivi(copy_bw: float, reps: int, batches=(1, 4, 8, 32), ctx: int = 3276
     return table
 
 
-def sweep_decode(copy_bw: float, reps: int, shapes=((1, 131072), (1, 16384), (4, 131072), (16, 16384),
-                                                     (32, 131072))) -> Table:
+def sweep_decode(copy_bw: float, reps: int, shapes=((1, 4096), (1, 16384), (1, 131072), (4, 16384), (4, 65536),
+                                                     (16, 4096), (16, 16384), (16, 65536), (32, 16384))) -> Table:
     from bench_decode_attention import H_KV, H_Q, HEAD_DIM, bytes_moved, sdpa_callables
     from kvkernels.decode_attention import DecodeConfig, choose_num_splits, decode_attention
 
-    cols = ["B", "T", "block_n", "num_warps", "num_stages", "num_splits", "µs", "% of copy BW", "× vs SDPA best",
-            "best?"]
-    table = Table(f"Split-KV decode attention: launch-config sweep (H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}, fp16)",
+    cols = ["B", "T", "block_n", "num_stages", "num_splits", "µs", "% of copy BW", "× vs SDPA best", "best?"]
+    table = Table(f"Split-KV decode attention: launch sweep (H_q={H_Q}, H_kv={H_KV}, D={HEAD_DIM}, fp16, 4 warps)",
                   cols)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for b, t in shapes:
@@ -110,9 +109,11 @@ def sweep_decode(copy_bw: float, reps: int, shapes=((1, 131072), (1, 16384), (4,
         k = torch.randn(b, H_KV, t, HEAD_DIM, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
         sdpa = min(x for x in (_us(fn, reps) for fn in sdpa_callables(q[:, :, None], k, v).values()) if x)
-        configs = [({"block_n": bn, "num_warps": nw, "num_stages": ns},
-                    DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns), choose_num_splits(b, H_KV, t, bn, sms))
-                   for bn, nw, ns in itertools.product((64, 128), (4, 8), (2, 3, 4, 5))]
+        # about 1 (rounded down and to the nearest) and 2 programs per SM
+        per_sm = sorted({max(1, min(f(n * sms / (b * H_KV)), 128)) for n, f in ((1, int), (1, round), (2, round))})
+        configs = [({"block_n": bn, "num_stages": ns}, DecodeConfig(block_n=bn, num_warps=4, num_stages=ns),
+                    choose_num_splits(b, H_KV, t, bn, sms), per_sm)
+                   for bn, ns in itertools.product((64, 128), (2, 3))]
         _time_configs(table, f"decode B={b} T={t}", configs,
                       functools.partial(decode_attention, q, k, v),
                       reps, bytes_moved(b, t, 2), copy_bw, sdpa, "× vs SDPA best", B=b, T=t)

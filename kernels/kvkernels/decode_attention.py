@@ -63,21 +63,26 @@ __all__ = [
     "choose_num_splits",
     "decode_attention",
     "default_config",
+    "pipeline_stages",
 ]
 
 MAX_GROUP_SIZE = 128  # query heads per KV head held as rows of one tile
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
 
-# Split heuristic: launch about PROGRAMS_PER_SM phase-1 programs per SM (rounded to the nearest split count), but
-# give each split at least MIN_TILES_PER_SPLIT tiles so the fixed cost per program (load q, write a partial row)
-# stays small next to the K/V it streams.  Measured on an H100 (benchmarks/results/sweep_decode_attention_h100-sxm.md
-# and bench_decode_attention_h100-sxm.md): about 2 per SM beat 4 per SM on long contexts (batch 1, 128k tokens:
-# 199 vs 214 µs).  Rounding to the nearest count rather than up: at batch 16 (128 (batch, kv_head) pairs) 2 splits
-# beat 3 (16k tokens: 366 vs 370 µs; 64k: 1390 vs 1409 µs), and at batch 32 1 split (no combine launch) beat 2
-# (16k: 705 vs 715 µs).  A fused combine (the last program of each group merges the splits, via an atomic
-# counter) was also measured there and was 0–13% slower than the second launch, so phase 2 stays a launch.
-PROGRAMS_PER_SM = 2
+# Split heuristic: about PROGRAMS_PER_SM phase-1 programs per SM, rounded down (never more programs than fit in
+# one wave), but at least MIN_TILES_PER_SPLIT tiles per split so the fixed cost per program (load q, write a
+# partial row) stays small next to the K/V it streams.  When the programs fit in one wave, each gets
+# ONE_WAVE_STAGES pipeline stages: alone on its SM, it must keep enough loads in flight by itself.  A single split
+# writes the answer itself (no combine launch).  H100 sweep (benchmarks/results/sweep_decode_attention_h100-sxm.md,
+# fp16, 64-token tiles): this rule's choice was the fastest at 8 of 9 shapes (batch 4, 16k tokens: 95.3 µs vs
+# 94.5 µs with 2 programs per SM); e.g. batch 16, 16k tokens: 349 µs with 1 split vs 354 µs with 2 splits and
+# 2 stages (the previous heuristic), 418 µs with 1 split and 2 stages; batch 1, 128k tokens: 182 µs with 16 splits
+# vs 187 µs with 33 splits and 2 stages.  A fused combine (the last program of each group merges the splits, via
+# an atomic counter) was measured earlier and was 0–13% slower than the second launch, so phase 2 stays a launch.
+PROGRAMS_PER_SM = 1
+ONE_WAVE_STAGES = 3
+MANY_WAVES_STAGES = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 128
 
@@ -86,40 +91,49 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of phase 1: tokens per tile, warps per program, software-pipelining depth."""
+    """Launch parameters of phase 1: tokens per tile, warps per program, software-pipelining depth (None: from the
+    grid, :func:`pipeline_stages`)."""
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_n not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_n must be one of (16, 32, 64, 128, 256); got {self.block_n!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of (1, 2, 4, 8, 16); got {self.num_warps!r}")
-        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
-            raise ValueError(f"num_stages must be an int in [1, 8]; got {self.num_stages!r}")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool)
+                                            or not 1 <= self.num_stages <= 8):
+            raise ValueError(f"num_stages must be None or an int in [1, 8]; got {self.num_stages!r}")
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     """One fixed configuration per head size / dtype (a single small one under the interpreter).
 
-    Tiles of ~16 KB per K (or V) tile: BLOCK_N · D · bytes ≈ 16 KB, two pipeline stages (three were no faster
-    on an H100 and hold more shared memory: ``benchmarks/results/sweep_decode_attention_h100-sxm.md``).
+    Tiles of ~16 KB per K (or V) tile: BLOCK_N · D · bytes ≈ 16 KB; pipeline depth from the grid
+    (:func:`pipeline_stages`).
     """
     if interpreting():
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
     elem = torch.empty((), dtype=dtype).element_size()
     block_d = max(16, next_power_of_2(head_dim))
     block_n = max(16, min(128, 16384 // (block_d * elem)))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=block_n, num_warps=4)
+
+
+def pipeline_stages(config: DecodeConfig, programs: int, sms: int) -> int:
+    """``config.num_stages``, or if None: ``ONE_WAVE_STAGES`` when ``programs`` ≤ ``sms`` (one program per SM
+    must keep enough loads in flight on its own), else ``MANY_WAVES_STAGES``."""
+    if config.num_stages is not None:
+        return config.num_stages
+    return ONE_WAVE_STAGES if programs <= sms else MANY_WAVES_STAGES
 
 
 def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:
     """How many token ranges to cut each (batch, kv_head) into: about ``PROGRAMS_PER_SM`` programs per SM."""
     pairs = max(batch * kv_heads, 1)
-    want = (2 * PROGRAMS_PER_SM * sms + pairs) // (2 * pairs)  # round(PROGRAMS_PER_SM * sms / pairs)
-    return clamp_splits(want, tokens, block_n)
+    return clamp_splits(PROGRAMS_PER_SM * sms // pairs, tokens, block_n)  # rounded down: never a second wave
 
 
 def clamp_splits(want: int, tokens: int, tile: int) -> int:
@@ -144,7 +158,7 @@ def key_mask_args(key_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, tuple
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, KeyMask, SeqLens, MidO, MidLse, Logits,
+    Q, K, V, KeyMask, SeqLens, MidO, MidLse, Logits, Out, Lse,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -152,10 +166,11 @@ def _split_kv_kernel(
     T, tokens_per_split, qk_scale_log2,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, FP32: tl.constexpr,
-    STORE_LOGITS: tl.constexpr, LAUNCH_DEPS: tl.constexpr = False,
+    STORE_LOGITS: tl.constexpr, LAUNCH_DEPS: tl.constexpr = False, DIRECT: tl.constexpr = False,
 ):
     # STORE_LOGITS (used by kvkernels.decode_attention_mass for H2O) also writes every scaled logit s to
     # Logits [B, H_q, T] (contiguous fp32): the only difference from plain decoding.
+    # DIRECT (one split): write the final Out [B, H_q, D] and natural-log Lse [B, H_q] here; no combine launch.
     if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
         gdc_launch_dependents()
     split = tl.program_id(0)
@@ -234,9 +249,15 @@ def _split_kv_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    rows = (b * h_q + heads) * num_splits + split  # MidLse is [B, H_q, num_splits], MidO adds HEAD_DIM
-    tl.store(MidLse + rows, lse2, mask=g_ok)
-    tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+    if DIRECT:  # the only split: this is the answer (Out [B, H_q, D] contiguous, Lse [B, H_q] in natural log)
+        rows = b * h_q + heads
+        tl.store(Lse + rows, lse2 * 0.6931471805599453, mask=g_ok)
+        tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(Out.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        rows = (b * h_q + heads) * num_splits + split  # MidLse is [B, H_q, num_splits], MidO adds HEAD_DIM
+        tl.store(MidLse + rows, lse2, mask=g_ok)
+        tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +316,47 @@ def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Launching the two phases (shared with kvkernels.decode_attention_mass)
+# ---------------------------------------------------------------------------------------------------------
+def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, key_mask: Tensor | None,
+                  seq_lens: Tensor | None, scale: float | None, num_splits: int | None, config: DecodeConfig | None,
+                  logits: Tensor | None = None) -> None:
+    """Phase 1 (and phase 2 unless there is one split) on checked, non-empty inputs: writes ``out`` (contiguous
+    ``[B, H_q, D]``) and ``lse`` (natural log, ``[B, H_q]``), and every scaled logit (log2 units) into ``logits``
+    (contiguous fp32 ``[B, H_q, T]``) when given."""
+    (b, h_q, d), (h_kv, t) = q.shape, k.shape[1:3]
+    g = h_q // h_kv
+    cfg = config or default_config(d, q.dtype)
+    block_d = max(16, next_power_of_2(d))
+    sms = num_sms(q.device)
+    if num_splits is None:
+        splits = choose_num_splits(b, h_kv, t, cfg.block_n, sms)
+        tokens_per_split = cdiv(cdiv(t, cfg.block_n), splits) * cfg.block_n  # tile-aligned ranges
+        splits = cdiv(t, tokens_per_split)
+    else:
+        splits = num_splits
+        tokens_per_split = cdiv(t, splits)  # exactly num_splits ranges; trailing ones may be empty
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    direct = splits == 1  # phase 1 writes out and lse itself: no partials, no combine launch
+    mid_o = out if direct else torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = lse if direct else torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
+    mask, sm = key_mask_args(key_mask, q)
+    pdl = use_pdl(q.device) and not direct
+    _split_kv_kernel[(splits, h_kv, b)](
+        q, k, v, mask, q if seq_lens is None else seq_lens, mid_o, mid_lse, mid_lse if logits is None else logits,
+        out, lse, *q.stride(), *k.stride(), *v.stride(), *sm,
+        t, tokens_per_split, scale * _LOG2E,
+        G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
+        STORE_LOGITS=logits is not None, LAUNCH_DEPS=pdl, DIRECT=direct, num_warps=cfg.num_warps,
+        num_stages=pipeline_stages(cfg, splits * h_kv * b, sms),
+    )
+    if not direct:
+        launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Python entry point
 # ---------------------------------------------------------------------------------------------------------
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None,
@@ -333,30 +395,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None
         lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
 
-    cfg = config or default_config(d, q.dtype)
-    if num_splits is None:
-        splits = choose_num_splits(b, h_kv, t, cfg.block_n, num_sms(q.device))
-        tokens_per_split = cdiv(cdiv(t, cfg.block_n), splits) * cfg.block_n  # tile-aligned ranges
-        splits = cdiv(t, tokens_per_split)
-    else:
-        splits = num_splits
-        tokens_per_split = cdiv(t, splits)  # exactly num_splits ranges; trailing ones may be empty
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-    mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
-    mask, sm = key_mask_args(key_mask, q)
-    lens = seq_lens if seq_lens is not None else q  # never read (HAS_LENS=False)
-
-    block_d = max(16, next_power_of_2(d))
-    pdl = use_pdl(q.device)
-    _split_kv_kernel[(splits, h_kv, b)](
-        q, k, v, mask, lens, mid_o, mid_lse, mid_lse,  # Logits: never written (STORE_LOGITS=False)
-        *q.stride(), *k.stride(), *v.stride(), *sm,
-        t, tokens_per_split, scale * _LOG2E,
-        G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
-        STORE_LOGITS=False, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
+    launch_decode(q, k, v, out, lse, key_mask=key_mask, seq_lens=seq_lens, scale=scale, num_splits=num_splits,
+                  config=config)
     return (out, lse) if return_lse else out

@@ -12,7 +12,8 @@ and the split/combine algebra) produces both the output and the mass:
   its token range, which also stores the raw logit of every (query head, key) — ``s = scale · log2(e) · ⟨q, k⟩``
   in fp32, −∞ for masked keys.  That is 4 bytes per query head per key, against 2·D·bytes(dtype) for reading K
   and V (for D = 128 in fp16: 4·G bytes vs 512, i.e. ~3% at G = 4);
-* **phase 2** is :mod:`kvkernels.decode_attention`'s combine kernel: output and log-sum-exp L per query head;
+* **phase 2** is :mod:`kvkernels.decode_attention`'s combine kernel: output and log-sum-exp L per query head
+  (with a single split, phase 1 writes them itself);
 * **phase 3**, one program per (token block, KV head, batch): ``p = 2^{s − L·log2 e}`` for the G rows, reduced
   over the group (mean or max), optionally added in place to the running H2O scores.
 
@@ -26,8 +27,6 @@ Layout as in :mod:`refimpl.cache`: ``q [B, H_q, D]``, ``k, v [B, H_kv, N, D]`` (
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -36,22 +35,17 @@ from torch import Tensor
 from refimpl.attention import check_decode_inputs
 from refimpl.eviction import GQA_REDUCTIONS, check_choice
 
-from ._utils import cdiv, check_launchable, compute_in_fp32, next_power_of_2, num_sms
+from ._utils import cdiv, check_launchable, next_power_of_2
 from .decode_attention import (
     MAX_GRID_YZ,
     MAX_GROUP_SIZE,
     MAX_HEAD_DIM,
     DecodeConfig,
-    _split_kv_kernel,
-    choose_num_splits,
-    default_config,
-    key_mask_args,
-    launch_combine,
+    launch_decode,
 )
 
 __all__ = ["decode_attention_mass"]
 
-_LOG2E = 1.4426950408889634
 _MASS_BLOCK_N = 128  # tokens per phase-3 program (it only reads G logits per token)
 
 
@@ -133,31 +127,9 @@ def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor |
         out.zero_()
         return out, mass
 
-    cfg = config or default_config(d, q.dtype)
-    if num_splits is None:
-        splits = choose_num_splits(b, h_kv, n, cfg.block_n, num_sms(q.device))
-        tokens_per_split = cdiv(cdiv(n, cfg.block_n), splits) * cfg.block_n
-        splits = cdiv(n, tokens_per_split)
-    else:
-        splits = num_splits
-        tokens_per_split = cdiv(n, splits)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-    mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     logits = torch.empty((b, h_q, n), dtype=torch.float32, device=q.device)
-    mask, sm = key_mask_args(key_mask, q)
-    block_g = max(16, next_power_of_2(g))
-    block_d = max(16, next_power_of_2(d))
-    _split_kv_kernel[(splits, h_kv, b)](  # decode_attention's phase 1, also storing the logits
-        q, k, v, mask, q, mid_o, mid_lse, logits,  # SeqLens: never read (HAS_LENS=False)
-        *q.stride(), *k.stride(), *v.stride(), *sm,
-        n, tokens_per_split, scale * _LOG2E,
-        G=g, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        HAS_MASK=key_mask is not None, HAS_LENS=False, FP32=compute_in_fp32(q.dtype), STORE_LOGITS=True,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    launch_combine(mid_o, mid_lse, out, lse)
+    launch_decode(q, k, v, out, lse, key_mask=key_mask, seq_lens=None, scale=scale, num_splits=num_splits,
+                  config=config, logits=logits)  # decode_attention's phases, also storing the logits
     block_n = _MASS_BLOCK_N
     _mass_kernel[(cdiv(n, block_n), h_kv, b)](
         logits, lse, mass, *mass.stride(), n,
