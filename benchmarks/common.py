@@ -11,7 +11,7 @@ well-written streaming kernel can actually reach (about 90 % of the datasheet on
 
 Timing (:func:`time_cuda`): CUDA events around each call, the L2 cache flushed before every call by reading a
 buffer 4x its size (otherwise small caches are served from L2 and beat HBM), warm-up first, median reported.
-After the flush the GPU also spins for ~0.2 ms, so the host has queued the timed call before the GPU reaches it:
+After the flush the GPU also spins for ~1 ms, so the host has queued the timed call before the GPU reaches it:
 Python launch overhead is not in the number (as in a CUDA-graph-captured decode step), for our kernel and for the
 baselines alike.
 

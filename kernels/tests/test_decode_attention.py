@@ -570,6 +570,7 @@ def test_bench_grid_runs_end_to_end_on_tiny_shapes(bench_modules, monkeypatch):
     monkeypatch.setattr(bench, "H_Q", 4)
     monkeypatch.setattr(bench, "H_KV", 2)
     monkeypatch.setattr(bench, "HEAD_DIM", 16)
+
     def fake_timer(fn, reps):  # kvkernels (a functools.partial) 0.5 ms, every SDPA backend 2 ms
         fn()
         return {"median_ms": 0.5 if hasattr(fn, "keywords") else 2.0}
