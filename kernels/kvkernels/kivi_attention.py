@@ -390,6 +390,15 @@ def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty(1, dtype=torch.int32, device=device), half, half
 
 
+def _same_strides(scale: Tensor | None, zero: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The kernel reads a zero point at its scale's offset (one set of strides and offsets for both, fewer
+    registers in the bulk loop).  ``refimpl.kivi`` allocates the two alike; if a caller's differ, both are copied
+    contiguous here (correct, but a copy per call)."""
+    if scale is None or zero is None or scale.stride() == zero.stride():
+        return scale, zero
+    return scale.contiguous(), zero.contiguous()
+
+
 def _strides4(x: Tensor | None) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if x is None else tuple(x.stride())  # type: ignore[return-value]
 
@@ -457,7 +466,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         q: ``[B, H_q, D]`` fp32/fp16/bf16 (already rotated); ``H_kv`` must divide ``H_q``.
         k_codes, k_scale, k_zero, k_res, v_codes, v_scale, v_zero, v_res: the layer's KIVI storage (module
             docstring; :class:`refimpl.kivi.KIVILayerState`).  Codes/scales may be ``None`` (nothing quantized yet);
-            residuals have ``q``'s dtype and may hold 0 tokens.  Any strides.
+            residuals have ``q``'s dtype and may hold 0 tokens.  Any strides (a scale and its zero
+            points with different strides are copied contiguous first).
         bits, group_size: how the codes were made.
         scale: softmax scale, default ``1/sqrt(D)``.
         num_splits: token ranges per (batch, head); default from :func:`choose_kivi_splits`.
@@ -495,6 +505,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     splits = cdiv(t, tokens_per_split) if num_splits is None else splits
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
+    k_scale, k_zero = _same_strides(k_scale, k_zero)
+    v_scale, v_zero = _same_strides(v_scale, v_zero)
     kc, ks, kz = (k_codes, k_scale, k_zero) if k_codes is not None else _stand_ins(q.device)
     vc, vs, vz = (v_codes, v_scale, v_zero) if v_codes is not None else _stand_ins(q.device)
     mid_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)

@@ -114,6 +114,42 @@ def test_wide_magnitudes(bits, k_mag, v_mag, q_mag):
     torch.testing.assert_close(out, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
+def _strided_copy(x: torch.Tensor | None, pad: int, heads_inner: bool, every: int = 1) -> torch.Tensor | None:
+    """The same values in a non-contiguous view: rows padded by ``pad`` elements, every ``every``-th element of
+    the last axis, and, if ``heads_inner``, stored as [B, T, H, ...] and permuted back (so the token stride
+    exceeds the head stride)."""
+    if x is None:
+        return None
+    b, h, t, n = x.shape
+    m = (n + pad) * every
+    buf = torch.full((b, t, h, m) if heads_inner else (b, h, t, m), 7, dtype=x.dtype, device=x.device)
+    view = (buf.permute(0, 2, 1, 3) if heads_inner else buf)[..., : n * every : every]
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("zeros_like_scales", [True, False])
+def test_any_strides(zeros_like_scales):
+    """Every tensor argument a non-contiguous view with its own strides: the kernel must use each one's own (a
+    key-code tile stepped with the value codes' token stride, say, reads the wrong rows).  Zero points laid out
+    like their scales are read in place; laid out differently, the wrapper copies both (they share offsets)."""
+    c = build(2, 3, 301, 64, 2, 16, 32, F32, seed=12)
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    layout = [dict(pad=1 + 2 * i, heads_inner=i % 2 == 1, every=1 + (i % 3 == 2)) for i in range(len(args))]
+    if zeros_like_scales:
+        layout[2], layout[6] = layout[1], layout[5]
+    views = tuple(_strided_copy(a, **lay) for a, lay in zip(args, layout))
+    assert not any(v.is_contiguous() for v in views)
+    assert (views[1].stride() == views[2].stride()) == zeros_like_scales
+    q = query(2, 6, 64, F32, seed=13)
+    q_view = _strided_copy(q[:, :, None], pad=3, heads_inner=False)[:, :, 0]
+    out = kivi_decode_attention(q_view, *views, bits=2, group_size=16, num_splits=3).cpu()
+    want = kivi_decode_attention_ref(q.cpu(), *(None if a is None else a.cpu() for a in args), bits=2,
+                                     group_size=16)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_t", [8, 16, 32])
 def test_mid_step_state_and_tile_sizes(block_t):
     c = build(1, 2, 192, 32, 2, 32, 64, F16, seed=4, mid_step=True)
