@@ -318,6 +318,25 @@ def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, 
 # ---------------------------------------------------------------------------------------------------------
 # Launching the two phases (shared with kvkernels.decode_attention_mass)
 # ---------------------------------------------------------------------------------------------------------
+def check_launch_options(batch: int, q_heads: int, kv_heads: int, head_dim: int, num_splits: int | None,
+                         config: DecodeConfig | None) -> None:
+    """What :func:`launch_decode` supports beyond ``refimpl.attention.check_decode_inputs``: group size and head
+    dim (one tile holds them), the CUDA grid limits, ``num_splits`` and ``config`` (raises naming the parameter)."""
+    g = q_heads // kv_heads
+    if g > MAX_GROUP_SIZE:
+        raise ValueError(f"group size q_heads/kv_heads = {g} is not supported; it must be <= {MAX_GROUP_SIZE}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}; got {head_dim}")
+    if batch > MAX_GRID_YZ or q_heads > MAX_GRID_YZ:  # kv_heads <= q_heads
+        raise ValueError(f"batch and q_heads must each be <= {MAX_GRID_YZ} (CUDA grid limit); got batch {batch}, "
+                         f"q_heads {q_heads}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= 65535):
+        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig or None; got {type(config).__name__}")
+
+
 def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, key_mask: Tensor | None,
                   seq_lens: Tensor | None, scale: float | None, num_splits: int | None, config: DecodeConfig | None,
                   logits: Tensor | None = None) -> None:
@@ -374,18 +393,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None
         config: launch parameters; default :func:`default_config`.
     """
     b, h_q, h_kv, t, d = check_decode_inputs(q, k, v, key_mask, seq_lens, scale)
-    g = h_q // h_kv
-    if g > MAX_GROUP_SIZE:
-        raise ValueError(f"group size q_heads/kv_heads = {g} is not supported; it must be <= {MAX_GROUP_SIZE}")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}; got {d}")
-    if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ or h_q > MAX_GRID_YZ:
-        raise ValueError(f"batch and heads must each be <= {MAX_GRID_YZ}; got batch {b}, q_heads {h_q}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
-                                   or not 1 <= num_splits <= 65535):
-        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
-    if config is not None and not isinstance(config, DecodeConfig):
-        raise TypeError(f"config must be a DecodeConfig or None; got {type(config).__name__}")
+    check_launch_options(b, h_q, h_kv, d, num_splits, config)
     check_launchable(*(x for x in (q, k, v, key_mask, seq_lens) if x is not None))
 
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)

@@ -36,13 +36,7 @@ from refimpl.attention import check_decode_inputs
 from refimpl.eviction import GQA_REDUCTIONS, check_choice
 
 from ._utils import cdiv, check_launchable, next_power_of_2
-from .decode_attention import (
-    MAX_GRID_YZ,
-    MAX_GROUP_SIZE,
-    MAX_HEAD_DIM,
-    DecodeConfig,
-    launch_decode,
-)
+from .decode_attention import DecodeConfig, check_launch_options, launch_decode
 
 __all__ = ["decode_attention_mass"]
 
@@ -101,16 +95,8 @@ def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor |
     """
     b, h_q, h_kv, n, d = check_decode_inputs(q, k, v, key_mask, None, scale)
     check_choice("gqa_reduce", gqa_reduce, GQA_REDUCTIONS)
+    check_launch_options(b, h_q, h_kv, d, num_splits, config)
     g = h_q // h_kv
-    if g > MAX_GROUP_SIZE:
-        raise ValueError(f"group size q_heads/kv_heads = {g} is not supported; it must be <= {MAX_GROUP_SIZE}")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}; got {d}")
-    if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
-        raise ValueError(f"batch and kv_heads must each be <= {MAX_GRID_YZ}; got batch {b}, kv_heads {h_kv}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
-                                   or not 1 <= num_splits <= 65535):
-        raise ValueError(f"num_splits must be None or an int in [1, 65535]; got {num_splits!r}")
     if accumulate_into is not None:
         if (not isinstance(accumulate_into, Tensor) or accumulate_into.dtype != torch.float32
                 or tuple(accumulate_into.shape) != (b, h_kv, n) or accumulate_into.device != q.device):

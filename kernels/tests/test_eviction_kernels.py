@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kvkernels._utils import kernel_device
+from kvkernels.decode_attention import MAX_GRID_YZ, MAX_GROUP_SIZE, MAX_HEAD_DIM, decode_attention
 from kvkernels.decode_attention_mass import decode_attention_mass
 from kvkernels.snapkv_score import snapkv_window_votes
 from refimpl.h2o import decode_attention_with_mass
@@ -114,6 +115,24 @@ def test_decode_mass_rejects_bad_arguments():
         decode_attention_mass(q.half(), k, k)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention_mass(q, k, k, num_splits=0)
+    with pytest.raises(TypeError, match="config must be a DecodeConfig"):
+        decode_attention_mass(q, k, k, config={"block_n": 64})
+
+
+@pytest.mark.parametrize("fn", [decode_attention, decode_attention_mass], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("b,h_kv,g,d,match", [
+    (1, 1, MAX_GROUP_SIZE + 1, 16, "group size q_heads/kv_heads"),
+    (1, 1, 1, MAX_HEAD_DIM + 8, "head_dim must be <= "),
+    (MAX_GRID_YZ + 1, 1, 1, 16, "batch and q_heads must each be <= 65535"),
+    (1, 4 * 1024 + 1, 16, 16, "batch and q_heads must each be <= 65535"),  # 65,552 query heads
+])
+def test_decode_and_mass_share_launch_limits(fn, b, h_kv, g, d, match):
+    """decode_attention and decode_attention_mass launch the same phase 1: the same limits, the same messages
+    (checked before any launch, so these shapes cost only their few-MB tensors)."""
+    q = torch.zeros(b, h_kv * g, d, device=DEV)
+    k = torch.zeros(b, h_kv, 2, d, device=DEV)
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, k)
 
 
 # =========================================================================================================

@@ -136,7 +136,7 @@ def test_any_strides(zeros_like_scales):
     c = build(2, 3, 301, 64, 2, 16, 32, F32, seed=12)
     st = c.layer_state(0)
     args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
-    layout = [dict(pad=1 + 2 * i, heads_inner=i % 2 == 1, every=1 + (i % 3 == 2)) for i in range(len(args))]
+    layout = [{"pad": 1 + 2 * i, "heads_inner": i % 2 == 1, "every": 1 + (i % 3 == 2)} for i in range(len(args))]
     if zeros_like_scales:
         layout[2], layout[6] = layout[1], layout[5]
     views = tuple(_strided_copy(a, **lay) for a, lay in zip(args, layout))
