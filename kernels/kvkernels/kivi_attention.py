@@ -20,11 +20,14 @@ math and the softmax).  The version before (the exponent-of-1.0 trick with one r
 recomputed per tile, a warp-wide sum of the softmax denominator per tile) ran ~293, and this one is 11–19% faster
 on an H100 (same run, side by side): the kernel is partly instruction-bound.  Before that, loading the next tile
 during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
-gained 10–20%.  At 32k context it reads at 41–65% of the copy bandwidth, 2.2–3.4x faster than fp16 SDPA decode
-(benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  What
-bounds it now is instruction issue, not memory (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32
-Nsight Compute counts 77% of issue slots busy, a variant whose loads all hit L1 takes only 23% less time, and
-prefetching 2 or 3 tiles ahead instead of 1 is slower (more registers, spills at the 128 cap).  Giving the tail
+gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little ahead (``prefetch.global.L2``: no
+registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up.  At 32k context it reads at
+41–73% of the copy bandwidth, 2.2–3.8x faster than fp16 SDPA decode (benchmarks/results/
+bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch,
+instruction issue bound it at large batch (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight
+Compute counted 77% of issue slots busy, a variant whose loads all hit L1 took only 23% less time, and
+prefetching 2 or 3 tiles ahead into registers instead of 1 was slower (more registers, spills at the 128 cap).
+Keeping the tile addresses as stepped pointers (5% fewer instructions per tile) measured 0.6–2.4% slower.  Giving the tail
 (whose general loop compiles to ~3.8x the bulk loop's instructions per tile) short programs of its own was slower
 too: the extra programs push the batch-1 grid into a second wave.  A tensor-core variant (codes unpacked to fp16
 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git branch ``exp/kivi-tensor-core``) compiled
@@ -58,7 +61,7 @@ partial output with its log2-sum-exp; ``kvkernels.decode_attention``'s combine k
 re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
 Ranges are whole key groups.  The bulk of a range (tokens with both key and value quantized) runs a branch-free
 loop over key groups — the per-channel key factors once per group — and their tiles, each tile's packed words and
-value scales loaded one tile ahead; the short tail (the residuals and the value-quantization boundary) runs a
+value scales loaded one tile ahead (and asked of L2 earlier, in launches of more than one wave); the short tail (the residuals and the value-quantization boundary) runs a
 general loop.  Offsets that scale with batch, heads or tokens are
 int64.  Accumulation is fp32; under ``TRITON_INTERPRET=1`` everything is fp32 anyway.
 """
@@ -129,6 +132,27 @@ def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms:
     ``KIVI_TOKENS_PER_SPLIT`` tokens per program, at least ``MIN_TILES_PER_SPLIT`` tiles each, ≤ ``MAX_SPLITS``."""
     want = max(cdiv(KIVI_PROGRAMS_PER_SM * sms, max(batch * q_heads, 1)), cdiv(tokens, KIVI_TOKENS_PER_SPLIT))
     return clamp_splits(want, tokens, block_t)
+
+
+# How far ahead (tokens) the bulk loop asks L2 to fetch the codes and value scales: once per key group, G rows starting
+# that many tokens past the group's first (one prefetch.global.L2 per tensor; no registers wait for the lines), on
+# top of the register double buffer (one tile ahead).  H100, KIVI-2 at 32k (benchmarks/results/
+# kivi_experiments_h100-sxm.md, run 6): 4-13% faster from batch 4 up (e.g. batch 16: 849 -> 767 µs), 8-32 tokens
+# about equally good, 48-64 worse; in one-wave launches (batch 1) 0-3% slower, so only for launches of more than one
+# wave (l2_prefetch_tokens).  Never under the interpreter (inline PTX).
+KIVI_L2_PREFETCH_TOKENS = 16
+
+
+def l2_prefetch_tokens(programs: int, sms: int) -> int:
+    """``KIVI_L2_PREFETCH_TOKENS`` when ``programs`` exceed one wave (``KIVI_PROGRAMS_PER_SM`` per SM), else 0."""
+    return KIVI_L2_PREFETCH_TOKENS if programs > KIVI_PROGRAMS_PER_SM * sms else 0
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 to fetch the line of every element of ``ptrs`` (one ``prefetch.global.L2`` each, nothing waits)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 # Power-of-two offsets of the denormal trick (module docstring): products code × factor are ~2^−K_KEY (keys) and
@@ -237,7 +261,7 @@ def _kivi_split_kernel(
     T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, K_K: tl.constexpr, K_V: tl.constexpr,
-    LAUNCH_DEPS: tl.constexpr = False,
+    LAUNCH_DEPS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
 ):
     if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
         gdc_launch_dependents()
@@ -289,6 +313,7 @@ def _kivi_split_kernel(
     # The first loads are masked off when this split has no bulk tokens (its rows may not exist); inside the loop
     # the next tile / group is clamped to the last one, which does exist.
     t64 = tt.to(tl.int64)[:, None]
+    tg64 = tl.arange(0, G).to(tl.int64)
     off_kw = t64 * skc_t + w2 * skc_w
     off_vw = t64 * svc_t + w2 * svc_w
     off_vs = t64 * svs_t + vgrp2 * svs_g
@@ -310,6 +335,12 @@ def _kivi_split_kernel(
         kz_nx = tl.load(kz_base + gn * sks_g + dd * sks_d, mask=d_ok, other=0.0)
         # q·k̂ = Σ_d q_d (s_d c_d + z_d) = 2^K_K Σ_d (q_d s_d 2^(149 − K_K − B·j')) f_d + Σ_d q_d z_d
         qs = q_f * ks
+        if L2_AHEAD > 0:  # G rows L2_AHEAD tokens ahead on their way to L2: one instruction per tensor
+            rows = tl.minimum(g0 + L2_AHEAD, gl * G).to(tl.int64) + tg64
+            _prefetch_l2(kc_base + rows * skc_t)
+            _prefetch_l2(vc_base + rows * svc_t)
+            _prefetch_l2(vs_base + rows * svs_t)
+            _prefetch_l2(vz_base + rows * svs_t)
         bias = tl.sum(_sum_codes(q * kz, CPW), 1)  # [1]
         for t0 in range(g0, g0 + G, BLOCK_T):
             kw = kw_nx
@@ -522,7 +553,9 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
         t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
-        WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl, num_warps=cfg.num_warps, num_stages=1,
+        WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl,
+        L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, num_sms(q.device)),
+        num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
     launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)

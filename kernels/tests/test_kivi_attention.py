@@ -16,12 +16,15 @@ from __future__ import annotations
 import pytest
 import torch
 from kvkernels._utils import kernel_device
+import kvkernels.kivi_attention as kivi_attention_module
 from kvkernels.kivi_attention import (
+    KIVI_L2_PREFETCH_TOKENS,
     KIVIDecodeConfig,
     choose_kivi_splits,
     kivi_cache_attention,
     kivi_decode_attention,
     kivi_decode_attention_ref,
+    l2_prefetch_tokens,
 )
 
 from refimpl.attention import decode_attention as ref_attention
@@ -215,6 +218,66 @@ def test_bad_arguments_name_the_parameter():
     empty = [None, None, None, st.k_res[:, :, :0], None, None, None, st.v_res[:, :, :0]]
     with pytest.raises(ValueError, match="empty"):
         kivi_decode_attention(q, *empty, bits=2, group_size=16)
+
+
+def test_l2_prefetch_only_beyond_one_wave():
+    """16 one-warp programs per SM make a wave; the L2 prefetch measured slower within one (module comment)."""
+    assert KIVI_L2_PREFETCH_TOKENS > 0
+    assert l2_prefetch_tokens(16 * 132, 132) == 0
+    assert l2_prefetch_tokens(16 * 132 + 1, 132) == KIVI_L2_PREFETCH_TOKENS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ahead", [16, 48])
+def test_l2_prefetch_changes_no_result(monkeypatch, ahead):
+    """The prefetch is a hint: forced on for a small launch (where the rule would leave it off), the output is
+    bit-for-bit the kernel's without it, on a cache whose splits hold several key groups and a tail."""
+    c = build(3, 2, 1000, 128, 2, 32, 128, F16, seed=14, mid_step=True)
+    q = query(3, 4, 128, F16, seed=15)
+    monkeypatch.setattr(kivi_attention_module, "l2_prefetch_tokens", lambda programs, sms: 0)
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    want = kivi_decode_attention(q, *args, bits=2, group_size=32, num_splits=4)
+    monkeypatch.setattr(kivi_attention_module, "l2_prefetch_tokens", lambda programs, sms: ahead)
+    got = kivi_decode_attention(q, *args, bits=2, group_size=32, num_splits=4)
+    assert torch.equal(got, want)
+    check(c, q, num_splits=4)
+
+
+KIVI_AOT_SCRIPT = r"""
+from kvkernels._utils import compile_for_gpu
+from kvkernels.kivi_attention import K_KEY, K_VAL, _kivi_split_kernel
+
+PTRS = {"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VC": "*i32", "VS": "*fp16",
+        "VZ": "*fp16", "VR": "*fp16", "MidO": "*fp32", "MidLse": "*fp32", "qk_scale_log2": "fp32"}
+types = {a: PTRS.get(a, "i32") for a in (p.name for p in _kivi_split_kernel.params if not p.is_constexpr)}
+for bits, ahead in ((2, 0), (2, 16), (4, 16)):
+    f = 32 // bits
+    const = dict(GQ=1, WORDS=128 // f, BLOCK_W=128 // f, CPW=f, BITS=bits, G=32, WPG=32 // f, BLOCK_T=8, K_K=K_KEY,
+                 K_V=K_VAL, L2_AHEAD=ahead, LAUNCH_DEPS=True)
+    k = compile_for_gpu(_kivi_split_kernel, types, const, num_warps=1, num_stages=1)
+    ptx = k.asm["ptx"]
+    assert ("prefetch.global.L2" in ptx) == (ahead > 0), (bits, ahead)
+    assert "griddepcontrol.launch_dependents" in ptx
+print("compiled ok")
+"""
+
+
+@pytest.mark.slow
+def test_kivi_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
+    """The L2 prefetch is inline PTX that the interpreter never runs: compile the kernel for sm_90 (Triton's bundled
+    ptxas, no GPU needed) with and without it."""
+    import os
+    import subprocess
+    import sys
+
+    if ON_GPU:
+        pytest.skip("on a GPU every kernel test runs compiled")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", KIVI_AOT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert res.returncode == 0 and "compiled ok" in res.stdout, res.stderr[-4000:]
 
 
 @pytest.mark.gpu
