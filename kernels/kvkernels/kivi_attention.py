@@ -21,9 +21,10 @@ recomputed per tile, a warp-wide sum of the softmax denominator per tile) ran ~2
 on an H100 (same run, side by side): the kernel is partly instruction-bound.  Before that, loading the next tile
 during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
 gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little ahead (``prefetch.global.L2``: no
-registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up.  At 32k context it reads at
-41–73% of the copy bandwidth, 2.2–3.8x faster than fp16 SDPA decode (benchmarks/results/
-bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch,
+registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up, and giving the tail token
+ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8.  At 32k context it reads at 53–75% of the copy
+bandwidth, 2.9–3.9x faster than fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet
+the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch,
 instruction issue bound it at large batch (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight
 Compute counted 77% of issue slots busy, a variant whose loads all hit L1 took only 23% less time, and
 prefetching 2 or 3 tiles ahead into registers instead of 1 was slower (more registers, spills at the 128 cap).
@@ -59,11 +60,12 @@ trips, register moves) ate the savings.
 Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) handles a token range and writes a
 partial output with its log2-sum-exp; ``kvkernels.decode_attention``'s combine kernel merges them.  Each query head
 re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
-Ranges are whole key groups.  The bulk of a range (tokens with both key and value quantized) runs a branch-free
-loop over key groups — the per-channel key factors once per group — and their tiles, each tile's packed words and
-value scales loaded one tile ahead (and asked of L2 earlier, in launches of more than one wave); the short tail (the residuals and the value-quantization boundary) runs a
-general loop.  Offsets that scale with batch, heads or tokens are
-int64.  Accumulation is fp32; under ``TRITON_INTERPRET=1`` everything is fp32 anyway.
+Ranges are whole key groups, the bulk and the tail in ranges of their own by default (``kivi_token_ranges``).  The
+bulk (tokens with both key and value quantized) runs a branch-free loop over key groups — the per-channel key
+factors once per group — and their tiles, each tile's packed words and value scales loaded one tile ahead (and
+asked of L2 earlier, in launches of more than one wave); the short tail (the residuals and the value-quantization
+boundary) runs a general loop.  Offsets that scale with batch, heads or tokens are int64.  Accumulation is fp32;
+under ``TRITON_INTERPRET=1`` everything is fp32 anyway.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_s
 from .decode_attention import clamp_splits, launch_combine
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
-           "kivi_decode_attention_ref"]
+           "kivi_decode_attention_ref", "kivi_token_ranges"]
 
 # Launch shape, from H100 sweeps (benchmarks/results/sweep_kivi_h100-sxm.md, KIVI-2, MHA H = 32, D = 128, 32k
 # context), taken before the denormal unpacking (module docstring) and re-checked after it: a version then bound
@@ -132,6 +134,43 @@ def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms:
     ``KIVI_TOKENS_PER_SPLIT`` tokens per program, at least ``MIN_TILES_PER_SPLIT`` tiles each, ≤ ``MAX_SPLITS``."""
     want = max(cdiv(KIVI_PROGRAMS_PER_SM * sms, max(batch * q_heads, 1)), cdiv(tokens, KIVI_TOKENS_PER_SPLIT))
     return clamp_splits(want, tokens, block_t)
+
+
+# The tail (tokens whose key or value is still full precision, or that share a key group with such a token; ~130-190
+# tokens in a decode step with R = 128) runs the general loop, whose SASS per tile is ~3.8x the bulk loop's and whose
+# loads are not prefetched.  Ranges of its own (kivi_token_ranges), costed at KIVI_TAIL_COST bulk tokens per tail
+# token, keep it off the critical path.  H100 (kivi_experiments_h100-sxm.md, run 7) against uniform ranges over all
+# tokens: 16% faster at batch 1, 32k, 35% at batch 1, 4k, 4-9% at batch 4-8; costs 2, 3 and 4 measured alike.
+KIVI_TAIL_COST = 3
+
+
+def kivi_token_ranges(tokens: int, bulk: int, group_size: int, splits: int,
+                      separate_tail: bool = True) -> tuple[int, int, int, int, int]:
+    """How the kernel cuts a (batch, head)'s tokens into ranges: ``(first, tokens_per_split, mid,
+    tail_tokens_per_split, total)``.  Ranges ``[i·tokens_per_split, min((i+1)·tokens_per_split, mid))`` for
+    ``i < first``, then ``[mid + j·tail_tokens_per_split, …)`` up to ``tokens``; all start at multiples of
+    ``group_size``; ``total`` ranges, at most ``splits``.  A range may hold bulk and tail tokens (the kernel runs
+    its bulk loop, then its tail loop).
+
+    ``separate_tail``: the bulk (the first ``bulk`` tokens, a multiple of ``group_size``) and the tail get ranges
+    of their own, sized so that each range costs about the same, a tail token counting ``KIVI_TAIL_COST`` bulk
+    tokens (uniform ranges over all tokens if ``splits`` leaves no range for the tail).  Else exactly ``splits``
+    uniform ranges over all tokens (trailing ones may be empty), as an explicit ``num_splits`` asks."""
+    uniform = cdiv(cdiv(tokens, group_size), splits) * group_size
+    if not separate_tail:
+        return splits, uniform, tokens, group_size, splits
+    tail = tokens - bulk
+    cost = bulk + KIVI_TAIL_COST * tail  # in bulk-token units
+    tps = cdiv(cdiv(cost, splits), group_size) * group_size
+    first = cdiv(bulk, tps)
+    if tail == 0:
+        return first, tps, bulk, group_size, first
+    if first >= splits:  # no range left for the tail alone: uniform ranges, the last one holding bulk and tail
+        return cdiv(tokens, uniform), uniform, tokens, group_size, cdiv(tokens, uniform)
+    n_tail = min(splits - first, cdiv(tail, group_size))
+    ttps = cdiv(cdiv(tail, n_tail), group_size) * group_size
+    n_tail = cdiv(tail, ttps)
+    return first, tps, bulk, ttps, first + n_tail
 
 
 # How far ahead (tokens) the bulk loop asks L2 to fetch the codes and value scales: once per key group, G rows starting
@@ -248,7 +287,7 @@ def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
 
 # Token counts change every decode step: without do_not_specialize Triton would compile a new variant whenever
 # their divisibility by 16 changes (seconds of JIT inside a generation loop).
-@triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "tokens_per_split"])
+@triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "n_first", "tokens_per_split", "MID", "tail_tokens_per_split"])
 def _kivi_split_kernel(
     Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse,
     sq_b, sq_h, sq_d,
@@ -258,7 +297,7 @@ def _kivi_split_kernel(
     svc_b, svc_h, svc_t, svc_w,
     svs_b, svs_h, svs_t, svs_g,
     svr_b, svr_h, svr_t, svr_d,
-    T, NKQ, NVQ, BULK, tokens_per_split, qk_scale_log2,
+    T, NKQ, NVQ, BULK, n_first, tokens_per_split, MID, tail_tokens_per_split, qk_scale_log2,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, K_K: tl.constexpr, K_V: tl.constexpr,
     LAUNCH_DEPS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
@@ -274,8 +313,12 @@ def _kivi_split_kernel(
     kvh = h // GQ
     num_splits = tl.num_programs(0)
     h_q = tl.num_programs(1)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, T)
+    if split < n_first:  # token ranges: kivi_token_ranges
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, MID)
+    else:
+        start = MID + (split - n_first) * tail_tokens_per_split
+        end = tl.minimum(start + tail_tokens_per_split, T)
 
     tt = tl.arange(0, BLOCK_T)
     w1 = tl.arange(0, BLOCK_W)
@@ -528,12 +571,9 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     bt = cfg.block_t
     # Tokens whose key AND value are quantized, cut at a tile boundary: the branch-free bulk loop runs over them.
     bulk = min(n_k, n_v) // group_size * group_size
-    if num_splits is None:
-        splits = choose_kivi_splits(b, h_q, t, bt, num_sms(q.device))
-    else:
-        splits = num_splits
-    tokens_per_split = cdiv(cdiv(t, group_size), splits) * group_size  # ranges of whole key groups
-    splits = cdiv(t, tokens_per_split) if num_splits is None else splits
+    hint = choose_kivi_splits(b, h_q, t, bt, num_sms(q.device)) if num_splits is None else num_splits
+    n_first, tokens_per_split, mid, tail_tokens_per_split, splits = kivi_token_ranges(
+        t, bulk, group_size, hint, separate_tail=num_splits is None)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     k_scale, k_zero = _same_strides(k_scale, k_zero)
@@ -551,7 +591,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         *q.stride(),
         *_strides4(k_codes), *_strides4(k_scale), *k_res.stride(),
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
-        t, n_k, n_v, bulk, tokens_per_split, sm_scale * _LOG2E,
+        t, n_k, n_v, bulk, n_first, tokens_per_split, mid, tail_tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
         WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl,
         L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, num_sms(q.device)),

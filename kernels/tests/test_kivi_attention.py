@@ -24,6 +24,7 @@ from kvkernels.kivi_attention import (
     kivi_cache_attention,
     kivi_decode_attention,
     kivi_decode_attention_ref,
+    kivi_token_ranges,
     l2_prefetch_tokens,
 )
 
@@ -218,6 +219,40 @@ def test_bad_arguments_name_the_parameter():
     empty = [None, None, None, st.k_res[:, :, :0], None, None, None, st.v_res[:, :, :0]]
     with pytest.raises(ValueError, match="empty"):
         kivi_decode_attention(q, *empty, bits=2, group_size=16)
+
+
+@pytest.mark.parametrize("args,want", [
+    # batch 1, 32k decode step (hint 66 = one wave): 64 bulk ranges of 512 tokens, the 160-token tail in 96 + 64
+    ((32832, 32672, 32, 66), (64, 512, 32672, 96, 66)),
+    ((32832, 32672, 32, 33), (32, 1024, 32672, 160, 33)),  # batch 32: one tail range (160 tail tokens ~ 480 bulk)
+    ((4160, 4000, 32, 66), (42, 96, 4000, 32, 47)),  # 4k: tail tokens 3x the cost -> 96-token bulk ranges
+    ((20, 0, 16, 3), (0, 32, 0, 16, 2)),  # nothing quantized: all tail
+    ((128, 128, 32, 5), (4, 32, 128, 32, 4)),  # no tail
+    ((301, 224, 32, 5, False), (5, 64, 301, 32, 5)),  # explicit num_splits: uniform over all tokens
+])
+def test_kivi_token_ranges_known_answers(args, want):
+    assert kivi_token_ranges(*args) == want
+
+
+@pytest.mark.parametrize("tokens,bulk,group,splits", [(32832, 32672, 32, 66), (4160, 4000, 32, 66), (301, 224, 32, 5),
+                                                      (20, 0, 16, 3), (128, 128, 32, 5), (999, 960, 32, 128),
+                                                      (5000, 4096, 64, 7), (40, 32, 16, 1)])
+def test_kivi_token_ranges_cover_every_token_once(tokens, bulk, group, splits):
+    first, tps, mid, ttps, total = kivi_token_ranges(tokens, bulk, group, splits)
+    assert mid in (bulk, tokens) and total <= splits and tps % group == 0 and ttps % group == 0
+    ranges = [(i * tps, min((i + 1) * tps, mid)) for i in range(first)]
+    ranges += [(mid + j * ttps, min(mid + (j + 1) * ttps, tokens)) for j in range(total - first)]
+    covered = [t for a, e in ranges for t in range(a, e)]
+    assert covered == list(range(tokens)) and all(a % group == 0 and a < e for a, e in ranges)
+
+
+def test_separate_tail_ranges_match_reference(monkeypatch):
+    """The default launch cuts bulk and tail apart (kivi_token_ranges): many ranges of each, on a mid-step cache."""
+    c = build(2, 2, 333, 64, 2, 16, 32, F32, seed=16, mid_step=True)
+    monkeypatch.setattr(kivi_attention_module, "choose_kivi_splits", lambda *a: 9)
+    first, _, _, _, total = kivi_token_ranges(333, 288, 16, 9)
+    assert first >= 2 and total - first >= 2
+    check(c, query(2, 4, 64, F32, seed=17))
 
 
 def test_l2_prefetch_only_beyond_one_wave():
