@@ -694,9 +694,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{[(c.block_t, c.num_warps, c.maxnreg) for c in KIVI_CONFIGS]} on that shape.", ""]
         notes += attention_summary(records) + checks
         meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}",
-                "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events; lowest median of "
-                          f"{ROUNDS} interleaved rounds (every KIVI config, SDPA backend and the fp16 split-KV kernel per "
-                          "round; benchmarks/common.py)",
+                "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events; lowest median "
+                          f"of {ROUNDS} interleaved rounds (every KIVI config, SDPA backend and the fp16 split-KV "
+                          "kernel per round; benchmarks/common.py)",
                 "cache_state": "mid decode step: context packed keys + 64 fp keys, 129 fp values, rest packed values"}
         print(f"wrote {table.write(SCRIPT + '_attention', gpu, meta, notes)}")
         print("\n".join(notes))

@@ -24,16 +24,15 @@ gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little 
 registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up, and giving the tail token
 ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8.  At 32k context it reads at 53–75% of the copy
 bandwidth, 2.9–3.9x faster than fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet
-the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch,
-instruction issue bound it at large batch (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight
-Compute counted 77% of issue slots busy, a variant whose loads all hit L1 took only 23% less time, and
-prefetching 2 or 3 tiles ahead into registers instead of 1 was slower (more registers, spills at the 128 cap).
-Keeping the tile addresses as stepped pointers (5% fewer instructions per tile) measured 0.6–2.4% slower.  Giving the tail
-(whose general loop compiles to ~3.8x the bulk loop's instructions per tile) short programs of its own was slower
-too: the extra programs push the batch-1 grid into a second wave.  A tensor-core variant (codes unpacked to fp16
-by inline PTX, dequantized with packed fp16 math, then ``tl.dot``; git branch ``exp/kivi-tensor-core``) compiled
-to no fewer instructions per code: Triton's layout conversions between the unpack and the dot (shared-memory round
-trips, register moves) ate the savings.
+the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
+(benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight Compute counted 77% of issue slots busy, a
+variant whose loads all hit L1 took only 23% less time, and prefetching 2 or 3 tiles ahead into registers instead
+of 1 was slower (more registers, spills at the 128 cap).  Keeping the tile addresses as stepped pointers (5% fewer
+instructions per tile) measured 0.6–2.4% slower.  Short tail programs *added* to the bulk ranges were slower (the
+batch-1 grid spilled into a second wave); the tail ranges that helped replace bulk ranges, within the same count.
+A tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``;
+git branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between
+the unpack and the dot (shared-memory round trips, register moves) ate the savings.
 
 * **Codes as denormal floats.**  A word holds F = 32/B codes; code j of its low 16 bits, and code j of the word
   shifted right by 16 (one shift per word), sits at bits B·j … B·j + B − 1.  AND-ing everything else away and
@@ -136,11 +135,11 @@ def choose_kivi_splits(batch: int, q_heads: int, tokens: int, block_t: int, sms:
     return clamp_splits(want, tokens, block_t)
 
 
-# The tail (tokens whose key or value is still full precision, or that share a key group with such a token; ~130-190
-# tokens in a decode step with R = 128) runs the general loop, whose SASS per tile is ~3.8x the bulk loop's and whose
-# loads are not prefetched.  Ranges of its own (kivi_token_ranges), costed at KIVI_TAIL_COST bulk tokens per tail
-# token, keep it off the critical path.  H100 (kivi_experiments_h100-sxm.md, run 7) against uniform ranges over all
-# tokens: 16% faster at batch 1, 32k, 35% at batch 1, 4k, 4-9% at batch 4-8; costs 2, 3 and 4 measured alike.
+# The tail (tokens whose key or value is still full precision, or that share a key group with such a token;
+# ~130-190 tokens in a decode step with R = 128) runs the general loop, whose SASS per tile is ~3.8x the bulk loop's
+# and whose loads are not prefetched.  Ranges of its own (kivi_token_ranges), costed at KIVI_TAIL_COST bulk tokens
+# per tail token, keep it off the critical path.  H100 (kivi_experiments_h100-sxm.md, run 7) against uniform ranges
+# over all tokens: 16% faster at batch 1, 32k, 35% at batch 1, 4k, 4-9% at batch 4-8; costs 2, 3 and 4 alike.
 KIVI_TAIL_COST = 3
 
 
@@ -173,8 +172,8 @@ def kivi_token_ranges(tokens: int, bulk: int, group_size: int, splits: int,
     return first, tps, bulk, ttps, first + n_tail
 
 
-# How far ahead (tokens) the bulk loop asks L2 to fetch the codes and value scales: once per key group, G rows starting
-# that many tokens past the group's first (one prefetch.global.L2 per tensor; no registers wait for the lines), on
+# How far ahead (tokens) the bulk loop asks L2 to fetch the codes and value scales: once per key group, G rows
+# starting that many tokens past the group's first (one prefetch.global.L2 per tensor; no registers wait), on
 # top of the register double buffer (one tile ahead).  H100, KIVI-2 at 32k (benchmarks/results/
 # kivi_experiments_h100-sxm.md, run 6): 4-13% faster from batch 4 up (e.g. batch 16: 849 -> 767 µs), 8-32 tokens
 # about equally good, 48-64 worse; in one-wave launches (batch 1) 0-3% slower, so only for launches of more than one
@@ -287,7 +286,8 @@ def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
 
 # Token counts change every decode step: without do_not_specialize Triton would compile a new variant whenever
 # their divisibility by 16 changes (seconds of JIT inside a generation loop).
-@triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "n_first", "tokens_per_split", "MID", "tail_tokens_per_split"])
+@triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "n_first", "tokens_per_split", "MID",
+                               "tail_tokens_per_split"])
 def _kivi_split_kernel(
     Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse,
     sq_b, sq_h, sq_d,
@@ -544,7 +544,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
             points with different strides are copied contiguous first).
         bits, group_size: how the codes were made.
         scale: softmax scale, default ``1/sqrt(D)``.
-        num_splits: token ranges per (batch, head); default from :func:`choose_kivi_splits`.
+        num_splits: token ranges per (batch, head), uniform over all tokens; default: up to
+            :func:`choose_kivi_splits` ranges, bulk and tail apart (:func:`kivi_token_ranges`).
         return_lse: also return the natural-log log-sum-exp ``[B, H_q]`` (fp32).
         config: :class:`KIVIDecodeConfig`; ``block_t`` must divide ``group_size``.
 
