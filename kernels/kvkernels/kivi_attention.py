@@ -572,7 +572,8 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     bt = cfg.block_t
     # Tokens whose key AND value are quantized, cut at a tile boundary: the branch-free bulk loop runs over them.
     bulk = min(n_k, n_v) // group_size * group_size
-    hint = choose_kivi_splits(b, h_q, t, bt, num_sms(q.device)) if num_splits is None else num_splits
+    sms = num_sms(q.device)
+    hint = choose_kivi_splits(b, h_q, t, bt, sms) if num_splits is None else num_splits
     n_first, tokens_per_split, mid, tail_tokens_per_split, splits = kivi_token_ranges(
         t, bulk, group_size, hint, separate_tail=num_splits is None)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -595,7 +596,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         t, n_k, n_v, bulk, n_first, tokens_per_split, mid, tail_tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
         WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl,
-        L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, num_sms(q.device)),
+        L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, sms),
         num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
