@@ -9,6 +9,9 @@ unset to test the compiled kernels (``scripts/gpu_validate.sh`` does).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -47,3 +50,21 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def compile_without_gpu(tmp_path) -> Callable[[str], None]:
+    """Run a script that compiles kernels ahead of time (``kvkernels._utils.compile_for_gpu``, Triton's bundled
+    ptxas) in a subprocess without ``TRITON_INTERPRET`` and a fresh Triton cache; the script must print "compiled
+    ok".  Skips on a GPU, where every kernel test runs compiled anyway."""
+    if kernel_device().type == "cuda":
+        pytest.skip("on a GPU every kernel test runs compiled")
+
+    def run(script: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(tmp_path)
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+        assert res.returncode == 0 and "compiled ok" in res.stdout, res.stderr[-4000:]
+
+    return run

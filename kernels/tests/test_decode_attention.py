@@ -451,20 +451,10 @@ print("compiled ok")
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+def test_kernels_compile_for_hopper_without_a_gpu(compile_without_gpu):
     """The interpreter never runs the compiled path (tensor-core dots, pipelining, int64 pointer maths): compile
     it for sm_90 with Triton's bundled ptxas, in a process without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-
-    if ON_GPU:
-        pytest.skip("on a GPU every kernel test runs compiled")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert res.returncode == 0 and "compiled ok" in res.stdout, res.stderr[-4000:]
+    compile_without_gpu(AOT_SCRIPT)
 
 
 # =========================================================================================================

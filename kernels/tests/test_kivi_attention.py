@@ -299,20 +299,10 @@ print("compiled ok")
 
 
 @pytest.mark.slow
-def test_kivi_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
+def test_kivi_kernel_compiles_for_hopper_without_a_gpu(compile_without_gpu):
     """The L2 prefetch is inline PTX that the interpreter never runs: compile the kernel for sm_90 (Triton's bundled
     ptxas, no GPU needed) with and without it."""
-    import os
-    import subprocess
-    import sys
-
-    if ON_GPU:
-        pytest.skip("on a GPU every kernel test runs compiled")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    res = subprocess.run([sys.executable, "-c", KIVI_AOT_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert res.returncode == 0 and "compiled ok" in res.stdout, res.stderr[-4000:]
+    compile_without_gpu(KIVI_AOT_SCRIPT)
 
 
 @pytest.mark.gpu
