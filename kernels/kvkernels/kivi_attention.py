@@ -27,9 +27,12 @@ bandwidth, 2.9–3.9x faster than fp16 SDPA decode (benchmarks/results/bench_kiv
 the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
 (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight Compute counted 77% of issue slots busy, a
 variant whose loads all hit L1 took only 23% less time, and prefetching 2 or 3 tiles ahead into registers instead
-of 1 was slower (more registers, spills at the 128 cap).  Keeping the tile addresses as stepped pointers (5% fewer
-instructions per tile) measured 0.6–2.4% slower.  Short tail programs *added* to the bulk ranges were slower (the
-batch-1 grid spilled into a second wave); the tail ranges that helped replace bulk ranges, within the same count.
+of 1 was slower (more registers, spills at the 128 cap).  With the prefetch and the tail ranges it issues in 73%
+(batch 1) to 82% (batch 32) of scheduler cycles; two q·k chains per token instead of one, or each tile's value sums
+overlapped with the next tile's keys (software pipelining by hand), measured level or up to 5% slower, 7–9% slower
+together.  Keeping the tile addresses as stepped pointers (5% fewer instructions per tile) measured 0.6–2.4%
+slower.  Short tail programs *added* to the bulk ranges were slower (the batch-1 grid spilled into a second wave);
+the tail ranges that helped replace bulk ranges, within the same count.
 A tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``;
 git branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between
 the unpack and the dot (shared-memory round trips, register moves) ate the savings.
