@@ -39,11 +39,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Table, gpu_info, require_cuda, time_cuda  # noqa: E402
+from common import Table, gpu_info, require_cuda, time_cuda  # after the sys.path line on purpose
 
 SCRIPT = "bench_eviction"
 
@@ -176,7 +177,7 @@ def check_kernels(dtype: torch.dtype, device: str) -> list[str]:
     q = _rand(b, h_q, d, dtype=dtype, device=device, gen=gen, scale=2.0)
     k = _rand(b, h_kv, t, d, dtype=dtype, device=device, gen=gen)
     v = _rand(b, h_kv, t, d, dtype=dtype, device=device, gen=gen)
-    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 2e-3, "rtol": 2e-3}
     torch.testing.assert_close(decode_attention(q, k, v).float(), ref_decode(q, k, v).float(), **tol)
     o, mass = decode_attention_mass(q, k, v)
     o_ref, mass_ref = decode_attention_with_mass(q, k, v)
@@ -184,8 +185,9 @@ def check_kernels(dtype: torch.dtype, device: str) -> list[str]:
     torch.testing.assert_close(mass, mass_ref, atol=1e-4, rtol=1e-4)
     qw = _rand(b, h_q, 16, d, dtype=dtype, device=device, gen=gen, scale=2.0)
     torch.testing.assert_close(snapkv_window_votes(qw, k), window_votes(qw, k), atol=1e-4, rtol=1e-4)
-    return [f"kernels checked against refimpl ({str(dtype).replace('torch.', '')}, T={t}): decode_attention, "
-            f"decode_attention_mass (out + mass), snapkv_window_votes — all within tolerance"]
+    return [(f"kernels checked against refimpl ({str(dtype).replace('torch.', '')}, T={t}): "
+             "decode_attention, decode_attention_mass (out + mass), snapkv_window_votes — "
+             "all within tolerance")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,13 +226,16 @@ def run_decode(s: Shape, b: int, contexts: list[int], budget: float, dtype: torc
     gen = torch.Generator(device=device).manual_seed(0)
     weights = Weights(s, dtype, device, gen)
     for t in contexts:
-        keep = max(2, int(round(budget * t)))
+        keep = max(2, round(budget * t))
         heavy, recent = keep // 2, keep - keep // 2
+        # partial binds this iteration's t / keep / heavy / recent (each maker is called within the iteration)
         makers = [
-            ("full", lambda: Dense(s, b, t, dtype, device, gen)),
-            (f"static {budget:.0%} (SnapKV/PyramidKV/StreamingLLM)", lambda: Dense(s, b, keep, dtype, device, gen)),
-            (f"H2O {budget:.0%} kernel", lambda: H2O(s, b, heavy, recent, dtype, device, gen, t)),
-            (f"H2O {budget:.0%} PyTorch ref", lambda: H2O(s, b, heavy, recent, dtype, device, gen, t, fused=False)),
+            ("full", partial(Dense, s, b, t, dtype, device, gen)),
+            (f"static {budget:.0%} (SnapKV/PyramidKV/StreamingLLM)",
+             partial(Dense, s, b, keep, dtype, device, gen)),
+            (f"H2O {budget:.0%} kernel", partial(H2O, s, b, heavy, recent, dtype, device, gen, t)),
+            (f"H2O {budget:.0%} PyTorch ref",
+             partial(H2O, s, b, heavy, recent, dtype, device, gen, t, fused=False)),
         ]
         base: dict[str, float] = {}
         for name, make in makers:
@@ -263,8 +268,9 @@ def run_snapkv(s: Shape, contexts: list[int], dtype: torch.dtype, device: str, r
     for t in contexts:
         q = _rand(1, s.h_q, s.window, s.d, dtype=dtype, device=device, gen=gen, scale=2.0)
         k = _rand(1, s.h_kv, t, s.d, dtype=dtype, device=device, gen=gen)
+        kernel_fn, ref_fn = partial(snapkv_window_votes, q, k), partial(window_votes, q, k)
         peaks = []
-        for fn in (lambda: snapkv_window_votes(q, k), lambda: window_votes(q, k)):
+        for fn in (kernel_fn, ref_fn):
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -274,10 +280,10 @@ def run_snapkv(s: Shape, contexts: list[int], dtype: torch.dtype, device: str, r
                 peaks.append((torch.cuda.max_memory_allocated() - before) / 1e6)
             else:
                 peaks.append(None)
-        t_kernel = time_cuda(lambda: snapkv_window_votes(q, k), reps=reps)["median_ms"] if device == "cuda" \
-            else timer(lambda: snapkv_window_votes(q, k), reps)
-        t_ref = time_cuda(lambda: window_votes(q, k), reps=reps)["median_ms"] if device == "cuda" \
-            else timer(lambda: window_votes(q, k), reps)
+        t_kernel = time_cuda(kernel_fn, reps=reps)["median_ms"] if device == "cuda" \
+            else timer(kernel_fn, reps)
+        t_ref = time_cuda(ref_fn, reps=reps)["median_ms"] if device == "cuda" \
+            else timer(ref_fn, reps)
         table.add(**{"T": t, "kernel ms": t_kernel, "PyTorch ref ms": t_ref, "speed-up": t_ref / t_kernel,
                      "kernel peak extra MB": peaks[0], "ref peak extra MB": peaks[1]})
         print(table.markdown().splitlines()[-1], flush=True)

@@ -378,7 +378,7 @@ def run_attention(device, timer, batches, contexts, copy_bw: float | None, reps:
                 return kivi_decode_attention(q, *state, bits=bits, group_size=G, config=cfg)
             try:
                 kivi_call()
-            except Exception as e:  # a config the GPU cannot run (shared memory): report and try the next
+            except Exception as e:  # noqa: BLE001 - a config the GPU cannot run (shared memory): try the next
                 print(f"KIVI config {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
             fns[cfg] = kivi_call
@@ -396,9 +396,11 @@ def run_attention(device, timer, batches, contexts, copy_bw: float | None, reps:
         t_split = us["split"]
         del k, v, q4, fns
         kb = kivi_bytes(state)
-        rec = dict(bits=bits, B=b, context=ctx, fp16_mb=fp16_bytes / 1e6, kivi_mb=kb / 1e6, kivi_us=best_us,
-                   cfg=None if best_cfg is None else f"{best_cfg.block_t}/{best_cfg.num_warps}/{best_cfg.maxnreg or '-'}",
-                   sdpa_default=kv["default"], sdpa_best=min(kv.values()), split=t_split)
+        rec = {"bits": bits, "B": b, "context": ctx, "fp16_mb": fp16_bytes / 1e6, "kivi_mb": kb / 1e6,
+               "kivi_us": best_us,
+               "cfg": (None if best_cfg is None
+                       else f"{best_cfg.block_t}/{best_cfg.num_warps}/{best_cfg.maxnreg or '-'}"),
+               "sdpa_default": kv["default"], "sdpa_best": min(kv.values()), "split": t_split}
         rec["pct"] = None if copy_bw is None else 100 * kb / (best_us * 1e-6) / copy_bw
         rec["x_default"], rec["x_best"], rec["x_split"] = (rec["sdpa_default"] / best_us, rec["sdpa_best"] / best_us,
                                                            t_split / best_us)
@@ -421,16 +423,18 @@ def attention_summary(records: list[dict]) -> list[str]:
         return []
     worst = min(at32, key=lambda r: r["x_default"])
     ok = worst["x_default"] >= 4
-    return [f"- KIVI-2 at 32k context: speed-up over fp16 SDPA (default backend) from {worst['x_default']:.2f}x "
-            f"(B={worst['B']}) to {max(r['x_default'] for r in at32):.2f}x; over the fastest SDPA backend from "
-            f"{min(r['x_best'] for r in at32):.2f}x; target >= 4x at every batch: {'MET' if ok else 'MISSED'}"]
+    return [(f"- KIVI-2 at 32k context: speed-up over fp16 SDPA (default backend) from "
+             f"{worst['x_default']:.2f}x (B={worst['B']}) to {max(r['x_default'] for r in at32):.2f}x; "
+             f"over the fastest SDPA backend from {min(r['x_best'] for r in at32):.2f}x; "
+             f"target >= 4x at every batch: {'MET' if ok else 'MISSED'}")]
 
 
 # =============================================================================================================
 # Part 2: end-to-end decoding under a memory budget
 # =============================================================================================================
-E2E_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=8192)
+E2E_MODEL = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
+             "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128,
+             "max_position_embeddings": 8192}
 E2E_CONTEXT, E2E_STEPS, E2E_BUDGET_GB, MAX_BATCH = 4096, 16, 40.0, 1024
 
 
@@ -513,7 +517,8 @@ def measure(model, kind: str, batch: int, context: int, steps: int, device, smok
     secs, _ = decode(model, cache, attn, batch, steps, device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     del cache
-    return dict(batch=batch, tok_s=batch * steps / secs, ms_step=1e3 * secs / steps, peak_gb=peak / GB)
+    return {"batch": batch, "tok_s": batch * steps / secs, "ms_step": 1e3 * secs / steps,
+            "peak_gb": peak / GB}
 
 
 def largest_batch(model, kind: str, context: int, budget_gb: float, weights_gb: float, device) -> tuple[int, dict]:
@@ -525,7 +530,7 @@ def largest_batch(model, kind: str, context: int, budget_gb: float, weights_gb: 
         try:
             res = measure(model, kind, b, context, E2E_STEPS, device, False)
         except torch.cuda.OutOfMemoryError:
-            res = dict(peak_gb=float("inf"))
+            res = {"peak_gb": float("inf")}
         if res["peak_gb"] <= budget_gb:
             return b, res
         b = max(1, int(b * 0.9 * (budget_gb - weights_gb) / max(res["peak_gb"] - weights_gb, 1e-9)))
@@ -586,7 +591,7 @@ def run_e2e(device, budget_gb: float, context: int):
                     fp16_batch = b_own
                 same = (res if b_own == fp16_batch or fp16_batch is None
                         else measure(model, kind, fp16_batch, context, E2E_STEPS, device, False))
-        except Exception as e:  # one cache failing must not lose the others' numbers
+        except Exception as e:  # noqa: BLE001 - one cache failing must not lose the others' numbers
             table.add(cache=label, note=f"failed: {type(e).__name__}: {str(e)[:80]}")
             print(f"{label}: failed: {type(e).__name__}: {e}")
             continue
@@ -611,8 +616,9 @@ def run_e2e(device, budget_gb: float, context: int):
 @torch.no_grad()
 def check_e2e(device, dtype) -> str:
     """Fused-kernel decoding gives the logits of the reference KIVI path (dequantize + SDPA) from the same state."""
-    tiny = dict(vocab_size=101, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    tiny = {"vocab_size": 101, "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 64,
+            "max_position_embeddings": 512}
     model = build_model(tiny, device, dtype)
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():  # larger than the default init: peaked attention, so errors show in the logits
@@ -688,10 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         copy_bw = measure_copy_bandwidth()
         print(f"measured copy bandwidth {copy_bw / 1e12:.2f} TB/s")
         table, records = run_attention("cuda", time_cuda, BATCHES, CONTEXTS, copy_bw, args.reps)
-        notes = ["KIVI MB = packed codes + fp16 scales/zeros + fp16 residuals actually read. "
-                 "× = time of the fp16 baseline / time of KIVI (same run, same GPU).",
-                 "KIVI config = block_t/num_warps/maxnreg, the fastest of "
-                 f"{[(c.block_t, c.num_warps, c.maxnreg) for c in KIVI_CONFIGS]} on that shape.", ""]
+        notes = [("KIVI MB = packed codes + fp16 scales/zeros + fp16 residuals actually read. "
+                  "× = time of the fp16 baseline / time of KIVI (same run, same GPU)."),
+                 ("KIVI config = block_t/num_warps/maxnreg, the fastest of "
+                  f"{[(c.block_t, c.num_warps, c.maxnreg) for c in KIVI_CONFIGS]} on that shape."), ""]
         notes += attention_summary(records) + checks
         meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}",
                 "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events; lowest median "
@@ -702,10 +708,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(notes))
     if args.part in ("all", "e2e"):
         table, meta = run_e2e("cuda", args.budget_gb, E2E_CONTEXT)
-        notes = ["Decode tokens/s = batch x timed steps / wall time of the steps (after 2 warm-up steps), "
-                 "greedy, one model forward per step (transformers eager loop, no CUDA graphs).",
-                 "Caches are pre-filled with random contents of the exact layout (no prefill forward): "
-                 "the largest batch is the decode-phase limit.", ""] + checks
+        notes = [("Decode tokens/s = batch x timed steps / wall time of the steps (after 2 warm-up steps), "
+                  "greedy, one model forward per step (transformers eager loop, no CUDA graphs)."),
+                 ("Caches are pre-filled with random contents of the exact layout (no prefill forward): "
+                  "the largest batch is the decode-phase limit."), ""] + checks
         print(f"wrote {table.write(SCRIPT + '_e2e', gpu, meta, notes)}")
     print(f"total {time.time() - t_start:.0f} s")
     return 0

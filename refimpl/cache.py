@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LayerKV", "KVCache", "DenseCache", "tensor_bytes"]
+__all__ = ["DenseCache", "KVCache", "LayerKV", "tensor_bytes"]
 
 
 def tensor_bytes(*tensors: Tensor | None) -> int:

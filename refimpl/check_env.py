@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Check", "read_requirements", "check_package", "check_python", "check_model", "torch_report",
-           "collect", "format_report", "main"]
+__all__ = ["Check", "check_model", "check_package", "check_python", "collect", "format_report", "main",
+           "read_requirements", "torch_report"]
 
 PROJECT = "kvcourse"
 COURSE_MODEL = "kvcourse-llama"
@@ -106,7 +106,7 @@ def check_package(name: str, spec: str = "", required: bool = True, extra: str |
     module = IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
     try:
         importlib.import_module(module)
-    except Exception as e:  # a broken install: wrong CUDA build, missing shared library...
+    except Exception as e:  # noqa: BLE001 - a broken install: wrong CUDA build, missing shared library...
         return Check(name, False, f"{version} installed but `import {module}` fails: {type(e).__name__}: {e}",
                      required)
     return Check(name, True, version + ("" if ok else f" (could not compare with {spec}: no `packaging`)"), required)
@@ -123,10 +123,10 @@ def check_python(requires_python: str) -> Check:
 def torch_report() -> list[str]:
     try:
         import torch
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a broken torch is reported, not raised
         return [f"torch CUDA:    unknown (torch does not import: {type(e).__name__})"]
-    lines = [f"torch build:   {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
-             f"{torch.get_num_threads()} CPU threads"]
+    lines = [(f"torch build:   {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
+              f"{torch.get_num_threads()} CPU threads")]
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
@@ -164,7 +164,7 @@ def check_model(name: str = COURSE_MODEL) -> Check:
             return Check("course model", False, f"{name}: logits are not finite")
         n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         return Check("course model", True, f"{name}: loads, {n / 1e6:.1f}M parameters, finite logits")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to load or run is the check's result
         return Check("course model", False, f"{name} does not load: {type(e).__name__}: {e}")
 
 
@@ -172,7 +172,7 @@ def check_model(name: str = COURSE_MODEL) -> Check:
 def collect(strict: bool = False, model: bool = True) -> list[Check]:
     try:
         requires_python, reqs = read_requirements()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported as a failed check, like every other problem
         return [Check(PROJECT, False, f"cannot read the requirements ({type(e).__name__}: {e}); run "
                                        f"`pip install -e .` in the course folder")]
     checks = [check_python(requires_python)]

@@ -14,7 +14,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
-__all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "ModelConfig"]
 
 
 @dataclass

@@ -37,7 +37,7 @@ HELDOUT_PG_NUMBERS: dict[int, str] = {
 
 SPLITS = ("train", "heldout", "all")
 
-__all__ = ["Book", "DATA_ENV", "HELDOUT_PG_NUMBERS", "data_dir", "load_books", "load_corpus", "heldout_text"]
+__all__ = ["DATA_ENV", "HELDOUT_PG_NUMBERS", "Book", "data_dir", "heldout_text", "load_books", "load_corpus"]
 
 
 @dataclass(frozen=True)

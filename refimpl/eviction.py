@@ -49,8 +49,8 @@ from torch import Tensor
 from .cache import DenseCache, KVCache, LayerKV, tensor_bytes
 
 __all__ = [
-    "EvictionCache",
     "GQA_REDUCTIONS",
+    "EvictionCache",
     "MaskedCache",
     "attention_mass",
     "check_choice",

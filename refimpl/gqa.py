@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from .model import LlamaModel, causal_mask
 
 __all__ = [
-    "valid_kv_head_counts",
-    "repeat_kv",
     "grouped_attention",
     "mean_pool_heads",
     "mean_pool_kv_heads",
+    "repeat_kv",
+    "valid_kv_head_counts",
 ]
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from .attention import check_decode_inputs, valid_key_mask
 from .eviction import GQA_REDUCTIONS, EvictionCache, attention_mass, check_choice, check_int, group_reduce
 
-__all__ = ["H2OCache", "h2o_keep_mask", "decode_attention_with_mass"]
+__all__ = ["H2OCache", "decode_attention_with_mass", "h2o_keep_mask"]
 
 
 def h2o_keep_mask(score: Tensor, pos: Tensor, valid: Tensor, seen: int, heavy_budget: int,

@@ -42,16 +42,16 @@ from typing import Any
 
 __all__ = [
     "DTYPE_BITS",
+    "KVSize",
     "KVSpec",
     "LayerSize",
-    "KVSize",
-    "kv_bytes",
-    "read_kv_spec",
-    "kv_cache_size",
-    "format_bytes",
     "bundled_configs",
+    "format_bytes",
+    "kv_bytes",
+    "kv_cache_size",
     "load_config",
     "main",
+    "read_kv_spec",
 ]
 
 #: Storage formats and their bits per element.  An int bit width (1..32) is accepted too.
@@ -247,7 +247,8 @@ def kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, bat
 
 def _bits(dtype: str | int) -> float:
     if isinstance(dtype, bool):
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BITS)} or an int bit width 1..32; got {dtype!r}")
+        raise ValueError(  # noqa: TRY004 - every bad argument of this API raises ValueError
+            f"dtype must be one of {sorted(DTYPE_BITS)} or an int bit width 1..32; got {dtype!r}")
     if isinstance(dtype, int):
         if not 1 <= dtype <= 32:
             raise ValueError(f"dtype as a bit width must be in 1..32; got {dtype}")

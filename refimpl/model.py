@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .cache import DenseCache, KVCache, LayerKV
 from .config import ModelConfig
 
-__all__ = ["LlamaModel", "CausalLMOutput", "rope_frequencies", "apply_rope", "rotate_half", "RMSNorm"]
+__all__ = ["CausalLMOutput", "LlamaModel", "RMSNorm", "apply_rope", "rope_frequencies", "rotate_half"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .eviction import GQA_REDUCTIONS, EvictionCache, check_choice, check_int, group_reduce
 
-__all__ = ["SnapKVCache", "POOLINGS", "window_votes", "votes_from_probs", "pool_votes", "snapkv_keep_mask"]
+__all__ = ["POOLINGS", "SnapKVCache", "pool_votes", "snapkv_keep_mask", "votes_from_probs", "window_votes"]
 
 POOLINGS = ("maxpool", "avgpool", "none")
 
@@ -106,7 +106,7 @@ def snapkv_keep_mask(votes: Tensor, valid: Tensor, capacity: int, window: int, k
     votes: ``[B, H_q, T - w]`` per-query-head votes for the prefix; valid: ``[B, H_kv, T]``.
     Returns a bool ``[B, H_kv, T]``: the top ``capacity - window`` pooled prefix keys plus the last ``window``.
     """
-    b, h_kv, t = valid.shape
+    _, h_kv, t = valid.shape
     if votes.shape[-1] != t - window:
         raise ValueError(f"votes cover {votes.shape[-1]} prefix tokens; expected T - window = {t - window}")
     pooled = group_reduce(pool_votes(votes.float(), kernel_size, pooling), h_kv, gqa_reduce)

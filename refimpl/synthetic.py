@@ -25,7 +25,7 @@ _WORDS = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "har
           "kestrel", "lantern", "meadow", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra",
           "umber", "violet", "walnut", "yarrow", "zephyr", "maple", "cedar", "coral", "ivory", "orchid")
 
-__all__ = ["NeedleSample", "make_needle_sample", "KINDS"]
+__all__ = ["KINDS", "NeedleSample", "make_needle_sample"]
 
 
 class Tokenizer(Protocol):
@@ -70,8 +70,8 @@ def _needles(kind: str, rng: random.Random, n_distractors: int) -> tuple[list[st
     if kind == "multi":
         sents = [f"\nThe special magic number for {n} is {v}.\n" for n, v in zip(names, values)]
         q = rng.randrange(len(names))
-        return sents, f"\nWhat is the special magic number for {names[q]}? The special magic number for " \
-                      f"{names[q]} is", f" {values[q]}.", q
+        return sents, (f"\nWhat is the special magic number for {names[q]}? The special magic number for "
+                       f"{names[q]} is"), f" {values[q]}.", q
     raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
-__all__ = ["train_tokenizer", "EOS", "PAD"]
+__all__ = ["EOS", "PAD", "train_tokenizer"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,

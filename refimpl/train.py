@@ -34,11 +34,11 @@ from .tokenizer import EOS, train_tokenizer
 
 PRESETS = {
     # ~13.8M parameters: 6 layers, 6 heads x 64 (MHA: as many KV heads as query heads), context 2048.
-    "course": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                   num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=2048),
+    "course": {"vocab_size": 8192, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+               "num_attention_heads": 6, "num_key_value_heads": 6, "max_position_embeddings": 2048},
     # For CPU tests: trains in seconds.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256},
 }
 SYNTH_KINDS = (("passkey", 0.2), ("kv", 0.4), ("multi", 0.4))
 
@@ -238,14 +238,14 @@ def main(argv=None) -> None:
         try:
             with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)):
                 fwd(batches(0)[:2, :-1].to(device), use_cache=False)
-        except Exception as e:  # pragma: no cover - depends on the GPU toolchain
+        except Exception as e:  # noqa: BLE001  # pragma: no cover - depends on the GPU toolchain
             print(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", flush=True)
             fwd = model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     log_path = os.path.join(a.run_dir, "train_log.csv")
     new_log = not os.path.exists(log_path) or step == 0
-    logf = open(log_path, "w" if new_log else "a", newline="")
+    logf = open(log_path, "w" if new_log else "a", newline="")  # noqa: SIM115 - closed after the loop
     log = csv.writer(logf)
     if new_log:
         log.writerow(["step", "tokens", "loss", "lr", "elapsed_s"])
@@ -298,7 +298,7 @@ def main(argv=None) -> None:
     model.save_pretrained(a.out, dtype=dtype, max_shard_bytes=int(a.max_shard_mb * 2**20) or None)
     tok.save_pretrained(a.out)
     with open(os.path.join(a.out, "training_args.json"), "w") as f:
-        json.dump({**vars(a), "final_step": step, "stopped_early": stopped_early, "train_tokens": int(len(stream)),
+        json.dump({**vars(a), "final_step": step, "stopped_early": stopped_early, "train_tokens": len(stream),
                    "train_books": len(books), "parameters": model.num_parameters(), "config": asdict(cfg),
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "wall_s": round(time.time() - start, 1)}, f, indent=2, default=str)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refimpl.check_env import main  # noqa: E402  (after the sys.path line on purpose)
+from refimpl.check_env import main  # after the sys.path line on purpose
 
 if __name__ == "__main__":
     raise SystemExit(main())

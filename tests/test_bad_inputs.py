@@ -22,7 +22,12 @@ from refimpl.eval import (
     perplexity,
     theoretical_kv_bytes,
 )
-from refimpl.hf_bridge import cache_kwargs, disable_kvcourse_attention, enable_kvcourse_attention, make_hf_cache
+from refimpl.hf_bridge import (
+    cache_kwargs,
+    disable_kvcourse_attention,
+    enable_kvcourse_attention,
+    make_hf_cache,
+)
 
 SMALL = {
     "vocab_size": 50,

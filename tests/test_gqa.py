@@ -15,8 +15,8 @@ from refimpl.gqa import (
     valid_kv_head_counts,
 )
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+       torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
 def tiny_model(num_kv: int | None = None, heads: int = 6, seed: int = 0, qwen: bool = False) -> LlamaModel:

@@ -62,12 +62,12 @@ def replay(model, policy, ids, attention_mask=None, steps: int = 6):
 # errors
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(heavy_budget=-1, recent_budget=4), "heavy_budget"),
-    (dict(heavy_budget=2, recent_budget=-3), "recent_budget"),
-    (dict(heavy_budget=2.5, recent_budget=4), "heavy_budget"),
-    (dict(heavy_budget=True, recent_budget=4), "heavy_budget"),
-    (dict(heavy_budget=0, recent_budget=0), "heavy_budget + recent_budget"),
-    (dict(heavy_budget=2, recent_budget=2, gqa_reduce="sum"), "gqa_reduce"),
+    ({"heavy_budget": -1, "recent_budget": 4}, "heavy_budget"),
+    ({"heavy_budget": 2, "recent_budget": -3}, "recent_budget"),
+    ({"heavy_budget": 2.5, "recent_budget": 4}, "heavy_budget"),
+    ({"heavy_budget": True, "recent_budget": 4}, "heavy_budget"),
+    ({"heavy_budget": 0, "recent_budget": 0}, "heavy_budget + recent_budget"),
+    ({"heavy_budget": 2, "recent_budget": 2, "gqa_reduce": "sum"}, "gqa_reduce"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name.replace("+", r"\+")):

@@ -21,7 +21,8 @@ def test_course_model_both_backends_agree():
 
 
 def test_model_card_figures_exist():
-    card = json.load(open(f"{model_path('kvcourse-llama')}/eval.json"))
+    with open(f"{model_path('kvcourse-llama')}/eval.json") as f:
+        card = json.load(f)
     assert card["heldout"]["perplexity"] > 1
     assert set(card["needle"]) == {"passkey", "kv", "multi"}
 

@@ -93,7 +93,7 @@ def test_environment_yml_cross_check_with_pyyaml_if_installed():
 def test_python_version_agrees():
     requires = pyproject()["project"]["requires-python"].replace(" ", "")
     text = (ROOT / "environment.yml").read_text()
-    assert re.search(rf"^\s*-\s*python{re.escape(requires)}\s*$", text, re.M), \
+    assert re.search(rf"^\s*-\s*python{re.escape(requires)}\s*$", text, re.MULTILINE), \
         f"environment.yml should pin python{requires} like pyproject's requires-python"
 
 
@@ -128,3 +128,14 @@ def test_transformers_kernels_probe_does_not_raise(monkeypatch):
         assert spec.origin in (None, "namespace"), "our kernels/ folder must stay a namespace folder, not a package"
         assert available is False
     sys.modules.pop("kernels", None)
+
+
+def test_readme_shows_the_ci_commands():
+    """The README's lint and test commands are the ones ``.ci/run`` runs (so the README's second command stays
+    true): every ``ruff check`` / ``pytest`` line of ``.ci/run`` appears in the README, without ``python -m``."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip().startswith("python -m") and (" ruff check " in line or line.strip() == "python -m pytest")]
+    assert len(ci) == 2, f".ci/run should run one `ruff check` and one `pytest`; found {ci}"
+    for line in ci:
+        assert line.removeprefix("python -m ") in readme, f"README.md does not show .ci/run's command {line!r}"

@@ -53,7 +53,7 @@ def test_budgets_sum_to_uniform_and_never_increase(layers, capacity, window, pro
         pytest.skip("capacity must exceed window")
     b = pyramid_budgets(layers, capacity, window, prompt_len, beta)
     assert len(b) == layers
-    assert all(x >= y for x, y in zip(b, b[1:]))
+    assert all(x >= y for x, y in itertools.pairwise(b))
     assert all(window <= x for x in b) and max(b) <= max(capacity, prompt_len)
     # with step = (max - min) / (L - 1) exactly, Σ = L (max + min) / 2 + L w = L · capacity; the floor adds
     # r · L / 2 with r = (max - min) mod (L - 1) < L - 1
@@ -62,10 +62,10 @@ def test_budgets_sum_to_uniform_and_never_increase(layers, capacity, window, pro
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(num_layers=0, capacity=20, window=4, prompt_len=50), "num_layers"),
-    (dict(num_layers=2, capacity=4, window=4, prompt_len=50), "capacity"),
-    (dict(num_layers=2, capacity=20, window=4, prompt_len=50, beta=0), "beta"),
-    (dict(num_layers=2, capacity=20, window=4, prompt_len=-1), "prompt_len"),
+    ({"num_layers": 0, "capacity": 20, "window": 4, "prompt_len": 50}, "num_layers"),
+    ({"num_layers": 2, "capacity": 4, "window": 4, "prompt_len": 50}, "capacity"),
+    ({"num_layers": 2, "capacity": 20, "window": 4, "prompt_len": 50, "beta": 0}, "beta"),
+    ({"num_layers": 2, "capacity": 20, "window": 4, "prompt_len": -1}, "prompt_len"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -54,13 +54,13 @@ def replay(model, policy, ids, t0, attention_mask=None):
 # errors
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(capacity=8, window=8), "capacity must be > window"),
-    (dict(capacity=8, window=0), "window"),
-    (dict(capacity=-1, window=4), "capacity"),
-    (dict(capacity=16, window=4, kernel_size=4), "kernel_size must be odd"),
-    (dict(capacity=16, window=4, kernel_size=0), "kernel_size"),
-    (dict(capacity=16, window=4, pooling="median"), "pooling"),
-    (dict(capacity=16, window=4, gqa_reduce="sum"), "gqa_reduce"),
+    ({"capacity": 8, "window": 8}, "capacity must be > window"),
+    ({"capacity": 8, "window": 0}, "window"),
+    ({"capacity": -1, "window": 4}, "capacity"),
+    ({"capacity": 16, "window": 4, "kernel_size": 4}, "kernel_size must be odd"),
+    ({"capacity": 16, "window": 4, "kernel_size": 0}, "kernel_size"),
+    ({"capacity": 16, "window": 4, "pooling": "median"}, "pooling"),
+    ({"capacity": 16, "window": 4, "gqa_reduce": "sum"}, "gqa_reduce"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):

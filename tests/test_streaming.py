@@ -28,9 +28,9 @@ def rand_ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(sink_tokens=-1, recent_tokens=8), "sink_tokens"),
-    (dict(sink_tokens=4, recent_tokens=0), "recent_tokens"),
-    (dict(sink_tokens=4, recent_tokens="8"), "recent_tokens"),
+    ({"sink_tokens": -1, "recent_tokens": 8}, "sink_tokens"),
+    ({"sink_tokens": 4, "recent_tokens": 0}, "recent_tokens"),
+    ({"sink_tokens": 4, "recent_tokens": "8"}, "recent_tokens"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from test_data import _write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refimpl import LlamaModel
 from refimpl.train import Batches, main
-from test_data import _write_corpus
 
 TEXT = ("The old house stood at the end of the lane, and every evening the children ran past it. "
         "Nobody knew who had lived there, and the garden had grown wild. ") * 300

@@ -6,7 +6,12 @@ interpreter (slow; small shapes).  On a CUDA GPU leave it unset and the kernels 
 
 from .decode_attention import DecodeConfig, choose_num_splits, decode_attention
 from .decode_attention_mass import decode_attention_mass
-from .kivi_attention import KIVIDecodeConfig, kivi_cache_attention, kivi_decode_attention, kivi_decode_attention_ref
+from .kivi_attention import (
+    KIVIDecodeConfig,
+    kivi_cache_attention,
+    kivi_decode_attention,
+    kivi_decode_attention_ref,
+)
 from .kivi_pack import quantize_pack as kivi_quantize_pack
 from .snapkv_score import snapkv_window_votes
 

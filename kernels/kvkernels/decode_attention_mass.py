@@ -97,12 +97,12 @@ def decode_attention_mass(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor |
     check_choice("gqa_reduce", gqa_reduce, GQA_REDUCTIONS)
     check_launch_options(b, h_q, h_kv, d, num_splits, config)
     g = h_q // h_kv
-    if accumulate_into is not None:
-        if (not isinstance(accumulate_into, Tensor) or accumulate_into.dtype != torch.float32
-                or tuple(accumulate_into.shape) != (b, h_kv, n) or accumulate_into.device != q.device):
-            raise ValueError(f"accumulate_into must be a float32 tensor of shape {(b, h_kv, n)} on {q.device}; got "
-                             f"{getattr(accumulate_into, 'dtype', type(accumulate_into))} "
-                             f"{tuple(getattr(accumulate_into, 'shape', ()))}")
+    if accumulate_into is not None and (
+            not isinstance(accumulate_into, Tensor) or accumulate_into.dtype != torch.float32
+            or tuple(accumulate_into.shape) != (b, h_kv, n) or accumulate_into.device != q.device):
+        raise ValueError(f"accumulate_into must be a float32 tensor of shape {(b, h_kv, n)} on {q.device}; "
+                         f"got {getattr(accumulate_into, 'dtype', type(accumulate_into))} "
+                         f"{tuple(getattr(accumulate_into, 'shape', ()))}")
     check_launchable(*(x for x in (q, k, v, key_mask, accumulate_into) if x is not None))
 
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)

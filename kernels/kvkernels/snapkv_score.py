@@ -186,7 +186,8 @@ def snapkv_window_votes(q_window: Tensor, k: Tensor, *, key_mask: Tensor | None 
     block_n = 32 if interpreting() else 64
     block_r = min(64, max(16, next_power_of_2(g * w)))
     block_w = min(64, max(16, next_power_of_2(w)))
-    common = dict(G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, HAS_MASK=key_mask is not None, FP32=fp32)
+    common = {"G": g, "HEAD_DIM": d, "BLOCK_D": block_d, "BLOCK_N": block_n, "HAS_MASK": key_mask is not None,
+              "FP32": fp32}
     _window_lse_kernel[(cdiv(g * w, block_r), h_kv, b)](
         q_window, k, mask, lse, *q_window.stride(), *k.stride(), *sm, t, w, scale * _LOG2E,
         BLOCK_R=block_r, num_warps=4, **common,

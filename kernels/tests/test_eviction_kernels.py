@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvkernels._utils import kernel_device
 from kvkernels.decode_attention import MAX_GRID_YZ, MAX_GROUP_SIZE, MAX_HEAD_DIM, decode_attention
 from kvkernels.decode_attention_mass import decode_attention_mass
 from kvkernels.snapkv_score import snapkv_window_votes
+
 from refimpl.h2o import decode_attention_with_mass
 from refimpl.snapkv import snapkv_keep_mask, window_votes
 

@@ -13,10 +13,10 @@ the kernel is fp32).  Log-sum-exp: 2e-4 abs / 1e-5 rel.
 
 from __future__ import annotations
 
+import kvkernels.kivi_attention as kivi_attention_module
 import pytest
 import torch
 from kvkernels._utils import kernel_device
-import kvkernels.kivi_attention as kivi_attention_module
 from kvkernels.kivi_attention import (
     KIVI_L2_PREFETCH_TOKENS,
     KIVIDecodeConfig,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CheckResult", "run_check", "compare", "TOLERANCES"]
+__all__ = ["TOLERANCES", "CheckResult", "compare", "run_check"]
 
 # (atol, rtol) per dtype for comparing a learner's result with the reference.
 TOLERANCES = {
@@ -73,7 +73,7 @@ def run_check(name: str, body: Callable[[], None], verbose: bool = True) -> Chec
         res = CheckResult(name, False, "not implemented yet — replace the `raise NotImplementedError` with your code.")
     except Mismatch as e:
         res = CheckResult(name, False, str(e))
-    except Exception as e:  # the learner's code crashed
+    except Exception as e:  # noqa: BLE001 - the learner's code crashed (any exception is a failed check)
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         res = CheckResult(name, False, f"your function raised {tb}")
     if verbose:

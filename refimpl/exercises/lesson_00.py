@@ -33,7 +33,7 @@ from ..kv_size import kv_cache_size
 from ..model import LlamaModel, rope_cos_sin
 from . import CheckResult, Mismatch, compare, run_check
 
-__all__ = ["check_causal_attention", "check_attend_with_cache", "check_kv_cache_bytes", "CHECKS"]
+__all__ = ["CHECKS", "check_attend_with_cache", "check_causal_attention", "check_kv_cache_bytes"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -50,11 +50,11 @@ def _qkv(b: int, h: int, t_q: int, t_k: int, d: int, seed: int) -> tuple[Tensor,
 def check_causal_attention(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> CheckResult:
     def body() -> None:
         for (b, h, t_q, t_k, d), hint in [
-            ((2, 3, 5, 5, 8), "Prefill (T_q = T_k): scale the scores by 1/sqrt(D), mask keys after each query "
-                              "(causal), softmax over the keys (last dim)."),
+            ((2, 3, 5, 5, 8), ("Prefill (T_q = T_k): scale the scores by 1/sqrt(D), mask keys after each "
+                               "query (causal), softmax over the keys (last dim).")),
             ((1, 2, 1, 7, 4), "One decode step (T_q = 1): the single query is the LAST position and sees every key."),
-            ((2, 2, 3, 7, 6), "T_q = 3 new queries after 4 cached keys: query i may see keys 0 .. 4 + i. A "
-                              "top-left torch.tril(ones(T_q, T_k)) mask is only right when T_q = T_k."),
+            ((2, 2, 3, 7, 6), ("T_q = 3 new queries after 4 cached keys: query i may see keys 0 .. 4 + i. A "
+                               "top-left torch.tril(ones(T_q, T_k)) mask is only right when T_q = T_k.")),
         ]:
             q, k, v = _qkv(b, h, t_q, t_k, d, seed=t_q * 10 + t_k)
             compare(fn(q, k, v), grouped_attention(q, k, v), f"causal_attention with T_q={t_q}, T_k={t_k}", hint)

@@ -28,7 +28,7 @@ from ..gqa import _sdpa_reference, mean_pool_kv_heads
 from ..model import LlamaModel
 from . import CheckResult, compare, run_check
 
-__all__ = ["check_repeat_kv", "check_grouped_query_attention", "check_mean_pool_kv_weight", "CHECKS"]
+__all__ = ["CHECKS", "check_grouped_query_attention", "check_mean_pool_kv_weight", "check_repeat_kv"]
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -28,7 +28,7 @@ from ..h2o import h2o_keep_mask
 from ..streaming import streaming_keep_mask
 from . import CheckResult, compare, run_check
 
-__all__ = ["check_attention_mass", "check_h2o_keep", "check_streaming_keep", "CHECKS"]
+__all__ = ["CHECKS", "check_attention_mass", "check_h2o_keep", "check_streaming_keep"]
 
 
 def _gen(seed: int) -> torch.Generator:

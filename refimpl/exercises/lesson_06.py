@@ -28,7 +28,7 @@ from ..snapkv import pool_votes, snapkv_keep_mask
 from ..snapkv import window_votes as _window_votes
 from . import CheckResult, Mismatch, compare, run_check
 
-__all__ = ["check_window_votes", "check_snapkv_select", "check_pyramid_budgets", "CHECKS"]
+__all__ = ["CHECKS", "check_pyramid_budgets", "check_snapkv_select", "check_window_votes"]
 
 
 def _gen(seed: int) -> torch.Generator:
