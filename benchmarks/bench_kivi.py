@@ -15,8 +15,9 @@ the largest batch whose decode-phase peak memory (weights + cache + activations,
 the budget, decode tokens/s at that batch, and tokens/s at the fp16 cache's largest batch.  Caches:
 ``DynamicCache`` (fp16), KIVI-2 with the fused kernel (``PreallocKIVICache`` + the ``kivi_fused`` attention below),
 the same KIVI cache read through ``refimpl.hf_bridge`` (dequantize + SDPA: the bytes are saved, the time is not),
-and transformers' ``QuantizedCache`` with each backend that imports here (``quanto``/``hqq`` need their packages;
-``fp8`` is per-tensor fp8, built in).
+and transformers' ``QuantizedCache`` with each backend that imports here (``quanto``/``hqq`` need their packages,
+``QUANTCACHE=1 scripts/fetch_gpu_wheels.sh``; ``fp8``, per-tensor fp8, only where the installed transformers has it —
+5.17 answers "Unknown quantization backend").
 
     python benchmarks/bench_kivi.py              # both parts, about 2-3 minutes on an H100
     python benchmarks/bench_kivi.py --part attention|e2e
@@ -562,6 +563,20 @@ def backend_available(kind: str) -> str | None:
     return None
 
 
+def backend_versions() -> str:
+    """The installed versions of QuantizedCache's optional backends (bring them to an offline GPU machine with
+    ``QUANTCACHE=1 bash scripts/fetch_gpu_wheels.sh``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("optimum-quanto", "hqq"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return ", ".join(found)
+
+
 def run_e2e(device, budget_gb: float, context: int):
     sys.path.insert(0, _HERE)
     from common import Table
@@ -609,7 +624,8 @@ def run_e2e(device, budget_gb: float, context: int):
     meta = {"model": f"LlamaConfig {E2E_MODEL}", "weights_gb": f"{weights_gb:.2f}", "cached_tokens": context,
             "timed_steps": E2E_STEPS, "budget_gb": budget_gb,
             "memory": "decode-phase peak of torch.cuda.max_memory_allocated (weights + cache + activations)",
-            "kivi": f"bits=2 G={G} R={R}, Triton quantizer, preallocated buffers"}
+            "kivi": f"bits=2 G={G} R={R}, Triton quantizer, preallocated buffers",
+            "quantized_cache_backends": backend_versions()}
     return table, meta
 
 

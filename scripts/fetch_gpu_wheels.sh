@@ -10,6 +10,13 @@
 # Then:    carry .whl to the GPU machine and run  bash scripts/gpu_validate.sh  there; it installs them with
 #          pip install --no-index --no-deps --target.
 # To refresh the pins: in an environment where `pytest --nbval-lax` works, `pip list` these names.
+#
+# QUANTCACHE=1 also fetches, into DEST/quantcache/, the optional backends of transformers' QuantizedCache that
+# benchmarks/bench_kivi.py --part e2e compares against (optimum-quanto; hqq, which PyPI has only as an sdist, is
+# built into a pure-Python wheel here) and what the image lacks of their requirements.  gpu_validate.sh does not
+# install them (only DEST/*.whl); for the benchmark, on the GPU machine:
+#   pip install --no-index --no-deps --target /tmp/qsite .whl/quantcache/*.whl
+#   PATH=/tmp/qsite/bin:$PATH PYTHONPATH=/tmp/qsite:$PWD:$PWD/kernels python3 benchmarks/bench_kivi.py --part e2e
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:-.whl}"
@@ -52,4 +59,15 @@ echo "$n wheels, $((bytes / 1024 / 1024)) MiB in $DEST (limit ${MAX_MB} MiB)"
 if (( bytes > MAX_MB * 1024 * 1024 )); then
   echo "wheels exceed ${MAX_MB} MiB" >&2
   exit 1
+fi
+
+if [[ "${QUANTCACHE:-0}" == 1 ]]; then
+  QDEST="$DEST/quantcache"
+  mkdir -p "$QDEST"
+  "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --abi cp312 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+    -d "$QDEST" optimum-quanto==0.2.7 ninja==1.13.2 einops==0.8.2 accelerate==1.15.0 termcolor==3.3.0
+  "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$QDEST" hqq==0.2.8.post1
+  ls -l "$QDEST"/*.whl | awk '{printf "%9d  %s\n", $5, $9}'
 fi
