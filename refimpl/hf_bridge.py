@@ -71,6 +71,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed transfor
 __all__ = [
     "ATTENTION_NAME",
     "KVCourseHFCache",
+    "cache_arg_name",
     "cache_kwargs",
     "disable_kvcourse_attention",
     "enable_kvcourse_attention",
@@ -254,16 +255,22 @@ def make_hf_cache(policy: KVCache) -> KVCourseHFCache:
 _CACHE_ARG_NAMES = ("cache", "past_key_values")  # transformers >= 5.24, then the name before it
 
 
-def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
-    """``{"cache": cache}`` if ``model.forward`` takes ``cache`` (transformers >= 5.24), else
-    ``{"past_key_values": cache}``: pass it as ``model(ids, **cache_kwargs(model, c))`` or to ``generate``."""
+def cache_arg_name(model: nn.Module) -> str:
+    """``"cache"`` if ``model.forward`` takes it (transformers >= 5.24), else ``"past_key_values"`` (one
+    ``inspect.signature``: callers that run many forwards can look it up once)."""
     params = inspect.signature(model.forward).parameters
     name = next((n for n in _CACHE_ARG_NAMES if n in params), None)
     if name is None:
         raise TypeError(
             f"{type(model).__name__}.forward takes neither of {_CACHE_ARG_NAMES}; it cannot use a KV cache"
         )
-    return {name: cache}
+    return name
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` if ``model.forward`` takes ``cache`` (transformers >= 5.24), else
+    ``{"past_key_values": cache}``: pass it as ``model(ids, **cache_kwargs(model, c))`` or to ``generate``."""
+    return {cache_arg_name(model): cache}
 
 
 # ---------------------------------------------------------------------------------------------------------

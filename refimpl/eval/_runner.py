@@ -54,8 +54,11 @@ class Runner:
             and hasattr(model, "generate")
             and hasattr(model.config, "num_hidden_layers")
         ):
+            from ..hf_bridge import cache_arg_name
+
             self.kind = "hf"
             cfg = model.config.get_text_config(decoder=True)
+            self._cache_arg = cache_arg_name(model)  # looked up once, not per forward
         else:
             raise TypeError(
                 f"model must be a refimpl.LlamaModel or a transformers causal LM; got {type(model).__name__}"
@@ -98,9 +101,9 @@ class Runner:
         if self.kind == "refimpl":
             out = self.model(ids, cache=cache, logits_to_keep=keep).logits
         else:
-            from ..hf_bridge import cache_kwargs, make_hf_cache
+            from ..hf_bridge import make_hf_cache
 
-            hf_cache = cache_kwargs(self.model, make_hf_cache(cache))
+            hf_cache = {self._cache_arg: make_hf_cache(cache)}
             out = self.model(input_ids=ids, **hf_cache, use_cache=True, logits_to_keep=keep).logits
         return out.float()
 
