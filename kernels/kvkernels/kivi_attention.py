@@ -14,16 +14,20 @@ Cache layout (``refimpl.kivi``; F = 32/B codes per int32 word, packed along chan
 Token t's key is quantized iff t < N_k (a multiple of G), its value iff t < N_v.
 
 The algebra that keeps the unpacking short: one logic op and one multiply-add per code.  Compiled for sm_90 by
-Triton 3.6 with the default launch (one warp, 8-token tiles, ≤ 128 registers) the bulk tile loop is ~233 SASS
-instructions per thread per tile outside its rarely taken rescale branch (~3.6 per code, counting reductions, scale
-math and the softmax).  The version before (the exponent-of-1.0 trick with one rotate per code, addresses
+Triton 3.6 with the default launch (one warp, 8-token tiles, ≤ 128 registers) the bulk tile loop is ~208 SASS
+instructions per thread per tile outside its rarely taken rescale branch (~3.3 per code, counting reductions, scale
+math and the softmax).  It was ~234 while the value scales and zeros were loaded one per packed word: Triton gave
+those loads a layout of their own, and converting them to the accumulator's cost shuffles, byte permutes and spills
+in every tile; loaded one per (token, value group), they land where the accumulator needs them (three H100 runs,
+``kivi_experiments_h100-sxm.md`` run 10: 1.8–3.7% faster at batch 4–16, 2.7–4.9% for KIVI-4, level at batch 1,
+−1.7 to +2.3% at batch 32).  The version before that (the exponent-of-1.0 trick with one rotate per code, addresses
 recomputed per tile, a warp-wide sum of the softmax denominator per tile) ran ~293, and this one is 11–19% faster
 on an H100 (same run, side by side): the kernel is partly instruction-bound.  Before that, loading the next tile
 during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
 gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little ahead (``prefetch.global.L2``: no
 registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up, and giving the tail token
-ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8.  At 32k context it reads at 53–75% of the copy
-bandwidth, 2.9–3.9x faster than fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet
+ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8.  At 32k context it reads at 52–77% of the copy
+bandwidth, 2.88–3.97x faster than fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet
 the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
 (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight Compute counted 77% of issue slots busy, a
 variant whose loads all hit L1 took only 23% less time, and prefetching 2 or 3 tiles ahead into registers instead
@@ -31,8 +35,10 @@ of 1 was slower (more registers, spills at the 128 cap).  With the prefetch and 
 (batch 1) to 82% (batch 32) of scheduler cycles; two q·k chains per token instead of one, or each tile's value sums
 overlapped with the next tile's keys (software pipelining by hand), measured level or up to 5% slower, 7–9% slower
 together.  Keeping the tile addresses as stepped pointers (5% fewer instructions per tile) measured 0.6–2.4%
-slower.  Short tail programs *added* to the bulk ranges were slower (the batch-1 grid spilled into a second wave);
-the tail ranges that helped replace bulk ranges, within the same count.
+slower, and int32 token offsets within a head (7% fewer) level or up to 3% slower (run 10); capping registers below
+128 to fit more warps, or a register buffer two or three tiles deep, slower still.  Short tail programs *added*
+to the bulk ranges were slower (the batch-1 grid spilled into a second wave); the tail ranges that helped replace
+bulk ranges, within the same count.
 A tensor-core variant (codes unpacked to fp16 by inline PTX, dequantized with packed fp16 math, then ``tl.dot``;
 git branch ``exp/kivi-tensor-core``) compiled to no fewer instructions per code: Triton's layout conversions between
 the unpack and the dot (shared-memory round trips, register moves) ate the savings.
@@ -53,7 +59,7 @@ the unpack and the dot (shared-memory round trips, register moves) ate the savin
   — the per-channel factor and the constant are computed once per group; each code costs one multiply-add.
 * **Values** (per-token scale s_{t,g(d)}): p_t v̂_td = 2^(149 − K_VAL − B·j_d) (2^K_VAL p_t s_{t,g}) f_td + p_t z_{t,g}.
   The first term accumulates elementwise in a ``[BLOCK_T, D]`` register accumulator (one multiply-add per code),
-  the second per packed word; both are reduced over tokens once, at the end, as is the softmax denominator (kept
+  the second per value group; both are reduced over tokens once, at the end, as is the softmax denominator (kept
   per token slot).  The running softmax rescales the accumulators only when the running maximum grows.
 * **Layout.**  Tiles are ``[tokens, words, 2, …, 2]``: the code-in-word axis is built with ``tl.join``, which keeps
   it inside one thread, so a word is unpacked where it was loaded and the q·k sum over channels is mostly in-thread
@@ -270,6 +276,16 @@ def _sum_codes(x, CPW: tl.constexpr):
 
 
 @triton.jit
+def _expand_groups(x, WPG: tl.constexpr):
+    """``[T, NG]`` per-group values → ``[T, NG·WPG]`` per packed word (word w belongs to group w // WPG): each value
+    repeated WPG times along the last axis by ``tl.join`` + reshape, in-thread."""
+    for lvl in tl.static_range(0, 6):
+        if (1 << lvl) < WPG:
+            x = tl.reshape(tl.join(x, x), [x.shape[0], x.shape[1] * 2])
+    return x
+
+
+@triton.jit
 def _unpack(words, BITS: tl.constexpr, CPW: tl.constexpr):
     """int32 words ``[T, W]`` → fp32 ``f = c·2^(BITS·j' − 149)`` for every code c, shaped like :func:`_split_words`.
 
@@ -330,6 +346,8 @@ def _kivi_split_kernel(
     dd = _split_channels(w2 * CPW, CPW)  # [1, BLOCK_W, 2, …] channel of every code
     d_ok = _expand_codes(w_ok2, CPW)
     vgrp2 = w2 // WPG  # value group of each word
+    BLOCK_G: tl.constexpr = BLOCK_W // WPG
+    g2 = tl.arange(0, BLOCK_G)[None, :]  # value groups [1, BLOCK_G]
 
     q = tl.load(Q + b * sq_b + h * sq_h + dd * sq_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale_log2
     # key factor per channel: 2^(149 − K_K − B·j') turns the denormal f = c·2^(B·j' − 149) into c·2^−K_K
@@ -347,7 +365,7 @@ def _kivi_split_kernel(
     l_t = tl.zeros([BLOCK_T], tl.float32)  # running denominator per token slot, summed once at the end
     # running Σ_t p_t s_t f_t (scaled), reduced over t at the end; built by _unpack to get its register layout
     acc = _unpack(tl.zeros([BLOCK_T, BLOCK_W], tl.int32), BITS, CPW) * 0.0
-    acc_z = tl.zeros([BLOCK_T, BLOCK_W], tl.float32)  # Σ_t p_t z_t per word, added to every code at the end
+    acc_z = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)  # Σ_t p_t z_t per value group, added to its codes at the end
 
     # ---- bulk: key and value both quantized, whole key groups (start, BULK and split ends are multiples of G) ----
     # The per-channel key factors are computed once per group of G tokens and reused by its G / BLOCK_T tiles.
@@ -362,14 +380,18 @@ def _kivi_split_kernel(
     tg64 = tl.arange(0, G).to(tl.int64)
     off_kw = t64 * skc_t + w2 * skc_w
     off_vw = t64 * svc_t + w2 * svc_w
-    off_vs = t64 * svs_t + vgrp2 * svs_g
+    off_vs = t64 * svs_t + g2 * svs_g
     t_s = start.to(tl.int64)
     n_w = WORDS * (start < bulk_end).to(tl.int32)  # WORDS, or 0 to mask everything
     w_ok1 = w2 < n_w
     kw_nx = tl.load(kc_base + t_s * skc_t + off_kw, mask=w_ok1, other=0)
     vw_nx = tl.load(vc_base + t_s * svc_t + off_vw, mask=w_ok1, other=0)
-    vs_nx = tl.load(vs_base + t_s * svs_t + off_vs, mask=w_ok1, other=0.0)
-    vz_nx = tl.load(vz_base + t_s * svs_t + off_vs, mask=w_ok1, other=0.0)
+    g_ok1 = g2 * WPG < n_w
+    g_ok2 = g2 * WPG < WORDS
+    # value scales/zeros: one per (token, value group); _expand_groups repeats them per word in-thread.  Loaded per
+    # word instead, they got a layout of their own and a conversion in every tile (module docstring).
+    vs_nx = tl.load(vs_base + t_s * svs_t + off_vs, mask=g_ok1, other=0.0)
+    vz_nx = tl.load(vz_base + t_s * svs_t + off_vs, mask=g_ok1, other=0.0)
     gl = tl.maximum(bulk_end - 1, start) // G  # the last bulk key group
     ks_nx = tl.load(ks_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
     kz_nx = tl.load(kz_base + (start // G) * sks_g + dd * sks_d, mask=dd < n_w * CPW, other=0.0)
@@ -396,8 +418,8 @@ def _kivi_split_kernel(
             tn = tl.minimum(t0 + BLOCK_T, last).to(tl.int64)
             kw_nx = tl.load(kc_base + tn * skc_t + off_kw, mask=w_ok2, other=0)
             vw_nx = tl.load(vc_base + tn * svc_t + off_vw, mask=w_ok2, other=0)
-            vs_nx = tl.load(vs_base + tn * svs_t + off_vs, mask=w_ok2, other=0.0)
-            vz_nx = tl.load(vz_base + tn * svs_t + off_vs, mask=w_ok2, other=0.0)
+            vs_nx = tl.load(vs_base + tn * svs_t + off_vs, mask=g_ok2, other=0.0)
+            vz_nx = tl.load(vz_base + tn * svs_t + off_vs, mask=g_ok2, other=0.0)
             # one sum over all of a token's codes (a chain of multiply-adds in the thread, then lanes)
             s = tl.sum(tl.reshape(_unpack(kw, BITS, CPW) * qs, [BLOCK_T, BLOCK_W * CPW]), 1) * (2.0 ** K_K) + bias
             m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -410,7 +432,7 @@ def _kivi_split_kernel(
             p = tl.exp2(s - m_i)  # [BLOCK_T]
             l_t += p
             # p v̂ = p (s c + z) = 2^(149 − K_V − B·j') (2^K_V p s) f + p z: the first factor is applied at the end
-            ps = p[:, None] * vs * (2.0 ** K_V)  # [BLOCK_T, BLOCK_W]
+            ps = _expand_groups(p[:, None] * vs * (2.0 ** K_V), WPG)  # [BLOCK_T, BLOCK_W]
             acc_z += p[:, None] * vz
             acc += _unpack(vw, BITS, CPW) * _expand_codes(ps, CPW)
     # the bulk accumulator in the true scale (2^(149 − K_V − B·j') per code position), so the tail can add to it
@@ -453,7 +475,7 @@ def _kivi_split_kernel(
     # ---- partial result of this split: normalised output and log2-sum-exp (−inf for an empty split) -----------
     l_i = tl.sum(l_t, 0)
     has = l_i > 0.0
-    o = tl.sum(acc + _expand_codes(acc_z, CPW), 0) / tl.where(has, l_i, 1.0)  # [BLOCK_W, 2, …]
+    o = tl.sum(acc + _expand_codes(_expand_groups(acc_z, WPG), CPW), 0) / tl.where(has, l_i, 1.0)  # [BLOCK_W, 2, …]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     row = (b * h_q + h) * num_splits + split  # MidLse [B, H_q, S]; MidO [B, H_q, S, D]
     tl.store(MidLse + row, lse2)
