@@ -4,7 +4,7 @@ in fp32 with ``refimpl.quant``, then ``refimpl.attention.decode_attention``).
 Caches are built by :class:`refimpl.kivi.KIVICache` itself, at token counts that hit every case of the layout:
 nothing quantized yet (T < R), T a multiple of R (no fp keys), odd T, the "mid-step" state a fused decode sees
 (append done, flush not yet: R fp keys, R + 1 fp values), GQA groups 1/2/3, odd split counts and more splits than
-tiles, head dims 32/64/96, bits 2/4/8.
+tiles, head dims 32/64/96/128, bits 2/4/8.
 
 Tolerances (kernel vs the fp32 reference rounded to the input dtype): fp32 1e-5 abs / 1e-5 rel (different
 summation order only); fp16 2e-3 / 2e-3 and bf16 1.6e-2 / 1.6e-2 (one rounding of the output; everything inside
@@ -85,6 +85,8 @@ CASES = [  # b, h_kv, gq, t, d, bits, group, res, splits
     (1, 1, 2, 20, 64, 2, 16, 32, None),  # T < R: nothing quantized, residual only
     (2, 1, 1, 128, 96, 8, 32, 64, 5),  # T multiple of R (no fp keys), D = 96 (3 words of 8-bit codes per 32)
     (1, 1, 1, 40, 32, 2, 16, 16, 16),  # more splits than tiles: empty splits
+    (1, 2, 2, 300, 128, 2, 32, 64, None),  # D = 128 (the benchmark's head dim): 8 words of 2-bit codes per token
+    (1, 1, 1, 200, 128, 4, 32, 32, 3),  # D = 128, 4-bit: 16 words per token
 ]
 
 
@@ -159,6 +161,14 @@ def test_mid_step_state_and_tile_sizes(block_t):
     c = build(1, 2, 192, 32, 2, 32, 64, F16, seed=4, mid_step=True)
     assert c.split(0) == (128, 64, 127, 65)  # after append, before flush: R fp keys, R + 1 fp values
     check(c, query(1, 2, 32, F16, seed=5), config=KIVIDecodeConfig(block_t=block_t, num_warps=4))
+
+
+@pytest.mark.parametrize("bits,splits", [(2, None), (2, 4), (4, None)])
+def test_head_dim_128_mid_step(bits, splits):
+    """The shape the benchmark times (D = 128, G = 32) in the state a fused decode step sees, with splits that hold
+    several key groups each and a tail of residual tokens."""
+    c = build(2, 2, 333, 128, bits, 32, 64, F16, seed=21, mid_step=True)
+    check(c, query(2, 4, 128, F16, seed=22), num_splits=splits)
 
 
 def test_equals_attention_over_what_the_cache_returns():
