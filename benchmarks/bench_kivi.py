@@ -51,6 +51,7 @@ from kvkernels.kivi_attention import KIVIDecodeConfig, kivi_cache_attention, kiv
 from kvkernels.kivi_pack import quantize_pack as triton_quantize_pack
 from torch import Tensor
 
+from refimpl.hf_bridge import cache_kwargs
 from refimpl.kivi import KIVICache
 from refimpl.quant import codes_per_word
 
@@ -498,7 +499,7 @@ def decode(model, cache, attn: str, batch: int, steps: int, device, warmup: int 
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
             tok = logits[:, -1:].argmax(-1)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -652,7 +653,7 @@ def check_e2e(device, dtype) -> str:
         tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(5)).to(device)
         logits = []
         for s in range(7):  # crosses a key flush (fp keys 10 -> 16 at step 6); a value leaves the FIFO each step
-            out = model(input_ids=tokens[:, s:s + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            out = model(input_ids=tokens[:, s:s + 1], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
             logits.append(out.float())
         disable_kivi_fused(model)
         outs.append(torch.stack(logits, 1))
