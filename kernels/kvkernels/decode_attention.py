@@ -264,6 +264,44 @@ def _split_kv_kernel(
 # Phase 2: one program per (query head, batch) merges the num_splits partial results.
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _merge_splits(MidO, MidLse, out_ptrs, lse_ptr, row, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LOAD_CG: tl.constexpr):
+    """Merge the ``num_splits`` partials of partial row ``row`` (``MidO``/``MidLse`` at rows
+    ``row·num_splits + s``) into ``out_ptrs`` (``[BLOCK_D]`` pointers, the output's dtype) and the natural-log LSE
+    at ``lse_ptr``.  ``LOAD_CG``: read the partials through L2 only (``ld.global.cg``), for partials that other
+    programs of the *same* launch wrote (L1 is not coherent between SMs)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the L_s (a scalar)
+    den = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running Σ e^{L_s - m}
+    acc = tl.zeros([BLOCK_D], tl.float32)  # running Σ e^{L_s - m} o_s
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = (s0 + offs_s) < num_splits
+        idx = row * num_splits + s0 + offs_s
+        if LOAD_CG:
+            lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0, cache_modifier=".cg")
+        else:
+            lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"))  # [BLOCK_S] log2 units
+            o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # [BLOCK_S]; 0 for empty splits
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
+    has = den > 0.0
+    out = acc / tl.where(has, den, 1.0)
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=d_ok)
+    lse_nat = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr, lse_nat)
+
+
+@triton.jit
 def _combine_kernel(
     MidO, MidLse, Out, Lse,
     stride_ob, stride_oh, stride_od,
@@ -275,31 +313,9 @@ def _combine_kernel(
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     row = b * tl.num_programs(0) + h
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
-    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the L_s (a scalar)
-    den = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running Σ e^{L_s - m}
-    acc = tl.zeros([BLOCK_D], tl.float32)  # running Σ e^{L_s - m} o_s
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = (s0 + offs_s) < num_splits
-        idx = row * num_splits + s0 + offs_s
-        lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"))  # [BLOCK_S] log2 units
-        o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)  # [BLOCK_S]; 0 for empty splits
-        den = den * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m = m_new
-    has = den > 0.0
-    out = acc / tl.where(has, den, 1.0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
-    lse_nat = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(Lse + row, lse_nat)
+    _merge_splits(MidO, MidLse, Out + b * stride_ob + h * stride_oh + offs_d * stride_od, Lse + row, row, num_splits,
+                  HEAD_DIM, BLOCK_D, BLOCK_S, False)
 
 
 def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, pdl: bool = False) -> None:

@@ -66,7 +66,10 @@ the unpack and the dot (shared-memory round trips, register moves) ate the savin
   (Triton's default layout would spread it over lanes and pay shuffles per token).
 
 Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) handles a token range and writes a
-partial output with its log2-sum-exp; ``kvkernels.decode_attention``'s combine kernel merges them.  Each query head
+partial output with its log2-sum-exp, and the last of a (batch, head)'s programs to finish (an atomic count per head)
+merges them in the same launch (``decode_attention._merge_splits``, the body of the separate combine kernel, which
+``KIVI_MERGE_IN_KERNEL = False`` launches instead): on an H100 2.6-5.4% faster at batch 1 with 16k-64k tokens,
+level within the run-to-run spread at 4k and from batch 4 up (kivi_experiments_h100-sxm.md, run 14).  Each query head
 re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
 Ranges are whole key groups, the bulk and the tail in ranges of their own by default (``kivi_token_ranges``).  The
 bulk (tokens with both key and value quantized) runs a branch-free loop over key groups — the per-channel key
@@ -91,7 +94,7 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import clamp_splits, launch_combine
+from .decode_attention import _merge_splits, clamp_splits, launch_combine
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref", "kivi_token_ranges"]
@@ -202,6 +205,13 @@ def _prefetch_l2(ptrs):
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def _fence_gpu(like):
+    """``fence.acq_rel.gpu`` in every thread (one per element of ``like``; executing it twice is harmless)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 # Power-of-two offsets of the denormal trick (module docstring): products code × factor are ~2^−K_KEY (keys) and
 # ~2^(K_VAL − 149) (values) times their true size, far from fp32's underflow and overflow for any sane q and scales.
 K_KEY = 64
@@ -308,8 +318,8 @@ def _codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "NKQ", "NVQ", "BULK", "n_first", "tokens_per_split", "MID",
                                "tail_tokens_per_split"])
 def _kivi_split_kernel(
-    Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse,
-    sq_b, sq_h, sq_d,
+    Q, KC, KS, KZ, KR, VC, VS, VZ, VR, MidO, MidLse, Out, Lse, Done,
+    sq_b, sq_h, sq_d, so_b, so_h, so_d,
     skc_b, skc_h, skc_t, skc_w,
     sks_b, sks_h, sks_g, sks_d,
     skr_b, skr_h, skr_t, skr_d,
@@ -319,7 +329,8 @@ def _kivi_split_kernel(
     T, NKQ, NVQ, BULK, n_first, tokens_per_split, MID, tail_tokens_per_split, qk_scale_log2,
     GQ: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, WPG: tl.constexpr, BLOCK_T: tl.constexpr, K_K: tl.constexpr, K_V: tl.constexpr,
-    LAUNCH_DEPS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
+    LAUNCH_DEPS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0, MERGE: tl.constexpr = False,
+    FENCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 16,
 ):
     if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
         gdc_launch_dependents()
@@ -481,6 +492,44 @@ def _kivi_split_kernel(
     tl.store(MidLse + row, lse2)
     tl.store(MidO + row * (WORDS * CPW) + _split_channels(w1 * CPW, CPW), o, mask=_expand_codes(w1 < WORDS, CPW))
 
+    if MERGE:  # the last of this (batch, head)'s programs to finish merges the partials: no combine launch
+        if FENCE:
+            _fence_gpu(tt)  # every thread: its partial is visible GPU-wide before the count moves
+        tl.debug_barrier()
+        head = b * h_q + h
+        finished = tl.atomic_add(Done + head, 1, sem="acq_rel")  # one thread; the old count, to every thread
+        if finished == num_splits - 1:
+            if FENCE:
+                _fence_gpu(tt)
+            D: tl.constexpr = WORDS * CPW
+            BLOCK_D: tl.constexpr = BLOCK_W * CPW
+            offs_d = tl.arange(0, BLOCK_D)
+            _merge_splits(MidO, MidLse, Out + b * so_b + h * so_h + offs_d * so_d, Lse + head, head, num_splits,
+                          D, BLOCK_D, BLOCK_S, True)
+            tl.store(Done + head, 0)  # zero again for the next call
+
+
+# Merging the partials: the last program of each (batch, head) to finish merges its S partials itself (an atomic
+# count per head says which one is last), instead of a second, combine kernel after the split kernel (module
+# docstring; False = the combine kernel, with programmatic dependent launch on Hopper).
+KIVI_MERGE_IN_KERNEL = True
+_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def merge_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` int32 zeros for the in-kernel merge's per-head counts.  Every launch sets each count back to zero when
+    it has merged, so one zeroed buffer per (device, stream) serves every later call on that stream without a
+    fill kernel.  While a CUDA graph is being captured a fresh zeroed buffer is made (and captured) instead: one
+    allocated inside the capture belongs to the graph's memory pool."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
 
 def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """int32 codes, fp16 scale and zero arguments for a cache that has no quantized tokens yet.  Never read (the
@@ -612,20 +661,24 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
     words = d // f
-    pdl = use_pdl(q.device)
+    merge = KIVI_MERGE_IN_KERNEL
+    pdl = use_pdl(q.device) and not merge
+    done = merge_counters(q.device, b * h_q) if merge else mid_lse
     _kivi_split_kernel[(splits, h_q, b)](
-        q, kc, ks, kz, k_res, vc, vs, vz, v_res, mid_o, mid_lse,
-        *q.stride(),
+        q, kc, ks, kz, k_res, vc, vs, vz, v_res, mid_o, mid_lse, out, lse, done,
+        *q.stride(), *out.stride(),
         *_strides4(k_codes), *_strides4(k_scale), *k_res.stride(),
         *_strides4(v_codes), *_strides4(v_scale), *v_res.stride(),
         t, n_k, n_v, bulk, n_first, tokens_per_split, mid, tail_tokens_per_split, sm_scale * _LOG2E,
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
         WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl,
         L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, sms),
+        MERGE=merge, FENCE=merge and not interpreting(), BLOCK_S=min(16, next_power_of_2(splits)),
         num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )
-    launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
+    if not merge:
+        launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
     return (out, lse) if return_lse else out
 
 

@@ -289,29 +289,59 @@ def test_l2_prefetch_changes_no_result(monkeypatch, ahead):
     check(c, q, num_splits=4)
 
 
+@pytest.mark.parametrize("splits", [None, 1, 5])
+def test_in_kernel_merge_equals_combine_kernel(monkeypatch, splits):
+    """The last program of each (batch, head) merges the partials itself (KIVI_MERGE_IN_KERNEL): the same output
+    and LSE as the separate combine kernel, and both match the reference."""
+    c = build(2, 2, 333, 64, 2, 16, 32, F32, seed=18, mid_step=True)
+    q = query(2, 4, 64, F32, seed=19)
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    outs = {}
+    for merge in (False, True):
+        monkeypatch.setattr(kivi_attention_module, "KIVI_MERGE_IN_KERNEL", merge)
+        outs[merge] = kivi_decode_attention(q, *args, bits=2, group_size=16, num_splits=splits, return_lse=True)
+        check(c, q, num_splits=splits)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=1e-6)
+
+
+def test_in_kernel_merge_counts_return_to_zero(monkeypatch):
+    """Each launch leaves its per-head counts at zero, so the next call (same or more heads) merges again; a count
+    left behind would skip the merge and leave the output unwritten."""
+    monkeypatch.setattr(kivi_attention_module, "KIVI_MERGE_IN_KERNEL", True)
+    monkeypatch.setattr(kivi_attention_module, "_COUNTERS", {})
+    for b, h_kv, splits in ((1, 2, 3), (1, 2, 3), (3, 1, 4)):
+        c = build(b, h_kv, 200, 32, 4, 16, 32, F32, seed=20 + b)
+        check(c, query(b, 2 * h_kv, 32, F32, seed=21), num_splits=splits)
+        (buf,) = kivi_attention_module._COUNTERS.values()
+        assert int(torch.count_nonzero(buf)) == 0
+
+
 KIVI_AOT_SCRIPT = r"""
 from kvkernels._utils import compile_for_gpu
 from kvkernels.kivi_attention import K_KEY, K_VAL, _kivi_split_kernel
 
 PTRS = {"Q": "*fp16", "KC": "*i32", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VC": "*i32", "VS": "*fp16",
-        "VZ": "*fp16", "VR": "*fp16", "MidO": "*fp32", "MidLse": "*fp32", "qk_scale_log2": "fp32"}
+        "VZ": "*fp16", "VR": "*fp16", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16", "Lse": "*fp32",
+        "Done": "*i32", "qk_scale_log2": "fp32"}
 types = {a: PTRS.get(a, "i32") for a in (p.name for p in _kivi_split_kernel.params if not p.is_constexpr)}
-for bits, ahead in ((2, 0), (2, 16), (4, 16)):
+for bits, ahead, merge in ((2, 0, True), (2, 16, True), (4, 16, False)):
     f = 32 // bits
     const = dict(GQ=1, WORDS=128 // f, BLOCK_W=128 // f, CPW=f, BITS=bits, G=32, WPG=32 // f, BLOCK_T=8, K_K=K_KEY,
-                 K_V=K_VAL, L2_AHEAD=ahead, LAUNCH_DEPS=True)
+                 K_V=K_VAL, L2_AHEAD=ahead, LAUNCH_DEPS=not merge, MERGE=merge, FENCE=merge, BLOCK_S=16)
     k = compile_for_gpu(_kivi_split_kernel, types, const, num_warps=1, num_stages=1)
     ptx = k.asm["ptx"]
     assert ("prefetch.global.L2" in ptx) == (ahead > 0), (bits, ahead)
-    assert "griddepcontrol.launch_dependents" in ptx
+    assert ("griddepcontrol.launch_dependents" in ptx) == (not merge), (bits, merge)
+    assert ("fence.acq_rel.gpu" in ptx and "atom.global.gpu.acq_rel" in ptx) == merge, (bits, merge)
 print("compiled ok")
 """
 
 
 @pytest.mark.slow
 def test_kivi_kernel_compiles_for_hopper_without_a_gpu(compile_without_gpu):
-    """The L2 prefetch is inline PTX that the interpreter never runs: compile the kernel for sm_90 (Triton's bundled
-    ptxas, no GPU needed) with and without it."""
+    """The L2 prefetch and the merge's fence are inline PTX that the interpreter never runs: compile the kernel for
+    sm_90 (Triton's bundled ptxas, no GPU needed) with and without them."""
     compile_without_gpu(KIVI_AOT_SCRIPT)
 
 
