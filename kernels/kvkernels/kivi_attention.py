@@ -26,9 +26,10 @@ on an H100 (same run, side by side): the kernel is partly instruction-bound.  Be
 during the current one (the register double buffer in the bulk loop) and fitting 16 one-warp programs per SM
 gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little ahead (``prefetch.global.L2``: no
 registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up, and giving the tail token
-ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8.  At 32k context it reads at 52–77% of the copy
-bandwidth, 2.88–3.97x faster than fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet
-the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
+ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8, and merging the partials in-kernel (below) 2.6–5.4%
+at batch 1 with 16k–64k tokens.  At 32k context it reads at 55–76% of the copy bandwidth, 2.98–3.94x faster than
+fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer
+bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
 (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight Compute counted 77% of issue slots busy, a
 variant whose loads all hit L1 took only 23% less time, and prefetching 2 or 3 tiles ahead into registers instead
 of 1 was slower (more registers, spills at the 128 cap).  With the prefetch and the tail ranges it issues in 73%
