@@ -265,11 +265,11 @@ def _split_kv_kernel(
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _merge_splits(MidO, MidLse, out_ptrs, lse_ptr, row, num_splits,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LOAD_CG: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
     """Merge the ``num_splits`` partials of partial row ``row`` (``MidO``/``MidLse`` at rows
     ``row·num_splits + s``) into ``out_ptrs`` (``[BLOCK_D]`` pointers, the output's dtype) and the natural-log LSE
-    at ``lse_ptr``.  ``LOAD_CG``: read the partials through L2 only (``ld.global.cg``), for partials that other
-    programs of the *same* launch wrote (L1 is not coherent between SMs)."""
+    at ``lse_ptr``.  ``CACHE``: the loads' cache modifier — ``""`` (default), or ``".cg"`` (through L2 only) for
+    partials that other programs of the *same* launch wrote (L1 is not coherent between SMs)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -279,14 +279,9 @@ def _merge_splits(MidO, MidLse, out_ptrs, lse_ptr, row, num_splits,
     for s0 in range(0, num_splits, BLOCK_S):
         s_ok = (s0 + offs_s) < num_splits
         idx = row * num_splits + s0 + offs_s
-        if LOAD_CG:
-            lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                        other=0.0, cache_modifier=".cg")
-        else:
-            lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"))  # [BLOCK_S] log2 units
-            o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+        lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)  # [BLOCK_S] log2 units
+        o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0, cache_modifier=CACHE)
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
         alpha = tl.exp2(m - m_safe)
@@ -315,7 +310,7 @@ def _combine_kernel(
     row = b * tl.num_programs(0) + h
     offs_d = tl.arange(0, BLOCK_D)
     _merge_splits(MidO, MidLse, Out + b * stride_ob + h * stride_oh + offs_d * stride_od, Lse + row, row, num_splits,
-                  HEAD_DIM, BLOCK_D, BLOCK_S, False)
+                  HEAD_DIM, BLOCK_D, BLOCK_S, "")
 
 
 def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, pdl: bool = False) -> None:

@@ -506,7 +506,7 @@ def _kivi_split_kernel(
             BLOCK_D: tl.constexpr = BLOCK_W * CPW
             offs_d = tl.arange(0, BLOCK_D)
             _merge_splits(MidO, MidLse, Out + b * so_b + h * so_h + offs_d * so_d, Lse + head, head, num_splits,
-                          D, BLOCK_D, BLOCK_S, True)
+                          D, BLOCK_D, BLOCK_S, ".cg")
             tl.store(Done + head, 0)  # zero again for the next call
 
 
@@ -664,7 +664,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     words = d // f
     merge = KIVI_MERGE_IN_KERNEL
     pdl = use_pdl(q.device) and not merge
-    done = merge_counters(q.device, b * h_q) if merge else mid_lse
+    done = merge_counters(q.device, b * h_q) if merge else mid_lse  # any pointer: not read without MERGE
     _kivi_split_kernel[(splits, h_q, b)](
         q, kc, ks, kz, k_res, vc, vs, vz, v_res, mid_o, mid_lse, out, lse, done,
         *q.stride(), *out.stride(),
