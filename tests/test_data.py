@@ -79,3 +79,34 @@ def test_bad_split(corpus):
 def test_shared_corpus_heldout_books_present():
     held = data.load_books("heldout")
     assert {b.pg_number for b in held} == set(data.HELDOUT_PG_NUMBERS)
+
+
+def _subset_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_gpu_data_subset.py"
+    spec = importlib.util.spec_from_file_location("make_gpu_data_subset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_subset_keeps_the_named_books_in_order(tmp_path):
+    """scripts/make_gpu_data_subset.py: every held-out book and the named extras, nothing else, readable by
+    refimpl.data with the same texts and split."""
+    script = _subset_script()
+    wanted = list(data.HELDOUT_PG_NUMBERS) + list(script.EXTRA_PG_NUMBERS)
+    books = [(n, f"Book {n}", f"text of book {n}") for n in reversed(wanted)] + [(99999, "Other", "not wanted")]
+    src = _write_corpus(tmp_path / "all", books)
+    assert script.main(["--source", str(src), "--out", str(tmp_path / "sub")]) == 0
+    got = data.load_books("all", tmp_path / "sub")
+    assert [b.pg_number for b in got] == wanted
+    assert all(b.text == f"text of book {b.pg_number}\n" and b.title == f"Book {b.pg_number}" for b in got)
+    assert {b.pg_number for b in data.load_books("heldout", tmp_path / "sub")} == set(data.HELDOUT_PG_NUMBERS)
+
+
+def test_gpu_subset_names_missing_books(tmp_path):
+    src = _write_corpus(tmp_path / "all", [(1, "One", "x")])
+    with pytest.raises(SystemExit, match="not in the book folder"):
+        _subset_script().main(["--source", str(src), "--out", str(tmp_path / "sub")])

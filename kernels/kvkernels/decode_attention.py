@@ -19,10 +19,13 @@ elements — and does only ~4·H_q·T·D flops, so it is **memory-bound**: the b
 
        L = log Σ_s e^{L_s},     out = Σ_s e^{L_s − L} o_s.
 
-   On Hopper and newer the two phases overlap their launches (programmatic dependent launch,
-   ``kvkernels._utils.use_pdl``): phase 2 is launched while phase 1 still runs and waits on the device for its
-   results.  On an H100, timed side by side on 16 shapes (fp16/bf16, batch 1–32, 4k–64k tokens), that saved
-   0.2–3.1 µs per call on 15 of them (up to 6% on the shortest calls) and cost 0.5 µs on one.
+   With 4 or more splits phase 2 runs inside the phase-1 launch: each program stores its partial, fences, and
+   bumps an atomic count per (batch, kv_head); the program that finds itself last merges that group's partials
+   (all its query heads at once) and resets the count.  On an H100 this was 0.3–6% faster than a second,
+   combine launch with 4 and 16 splits (the most at the shortest calls), level at 64k+ tokens with 4, and
+   0.3–2.2% slower with 2 (``DECODE_MERGE_IN_KERNEL``).  Otherwise phase 2 is a second launch, which on Hopper
+   overlaps its start with phase 1 (programmatic dependent launch, ``kvkernels._utils.use_pdl``): that had saved
+   0.2–3.1 µs per call on 15 of 16 shapes.
 
 **GQA** (Ainslie et al. 2023): a phase-1 program owns one (batch, kv_head, split) and *all G query heads of that
 group*: the G queries form the rows of a ``[BLOCK_G, D]`` tile, so every K/V tile is loaded once for the whole
@@ -78,13 +81,24 @@ MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
 # fp16, 64-token tiles): this rule's choice was the fastest at 8 of 9 shapes (batch 4, 16k tokens: 95.3 µs vs
 # 94.5 µs with 2 programs per SM); e.g. batch 16, 16k tokens: 349 µs with 1 split vs 354 µs with 2 splits and
 # 2 stages (the previous heuristic), 418 µs with 1 split and 2 stages; batch 1, 128k tokens: 182 µs with 16 splits
-# vs 187 µs with 33 splits and 2 stages.  A fused combine (the last program of each group merges the splits, via
-# an atomic counter) was measured earlier and was 0–13% slower than the second launch, so phase 2 stays a launch.
+# vs 187 µs with 33 splits and 2 stages.  Several splits are merged in the same launch (DECODE_MERGE_IN_KERNEL).
 PROGRAMS_PER_SM = 1
 ONE_WAVE_STAGES = 3
 MANY_WAVES_STAGES = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 128
+# With at least MERGE_MIN_SPLITS splits, the last program of each (batch, kv_head) to finish merges the partials of
+# its G query heads (an atomic count per pair says which one is last) instead of a second, combine launch (the
+# combine kernel, with programmatic dependent launch on Hopper, otherwise and when DECODE_MERGE_IN_KERNEL is False).
+# H100, side by side (benchmarks/results/decode_attention_repeats_h100-sxm.md, run 15), H_q = 32, H_kv = 8:
+# 16 splits (batch 1): 4.3-6.0% faster with 4k tokens, 1.6-2.4% at 16k, 0.3-0.9% at 64k-128k; 4 splits (batch 4):
+# 2.5-3.2% at 4k, 0.8-1.1% at 16k, level at 64k-128k; 2 splits: 0.3-2.2% *slower* (batch 8, 1.6k-8k tokens; batch
+# 16, 16k: 0.9-1.2%).  While a CUDA graph is captured the combine launch is used too: the merge's count buffer
+# must start at zero, and zeroing it in the graph (a memset node per call) cost ~1 µs per call (batch 8).  Merging
+# the G heads one after another instead of all at once was 0.4-22% slower than the combine launch.
+DECODE_MERGE_IN_KERNEL = True
+MERGE_MIN_SPLITS = 4
+MERGE_TILE = 8192  # fp32 partial values one merge step holds (rows × splits × head dim): 64 per thread at 4 warps
 
 _LOG2E = 1.4426950408889634
 
@@ -158,7 +172,7 @@ def key_mask_args(key_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, tuple
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, KeyMask, SeqLens, MidO, MidLse, Logits, Out, Lse,
+    Q, K, V, KeyMask, SeqLens, MidO, MidLse, Logits, Out, Lse, Done,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -167,10 +181,15 @@ def _split_kv_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, FP32: tl.constexpr,
     STORE_LOGITS: tl.constexpr, LAUNCH_DEPS: tl.constexpr = False, DIRECT: tl.constexpr = False,
+    MERGE: tl.constexpr = False, FENCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 16,
+    MERGE_ROWS: tl.constexpr = 1,
 ):
     # STORE_LOGITS (used by kvkernels.decode_attention_mass for H2O) also writes every scaled logit s to
     # Logits [B, H_q, T] (contiguous fp32): the only difference from plain decoding.
     # DIRECT (one split): write the final Out [B, H_q, D] and natural-log Lse [B, H_q] here; no combine launch.
+    # MERGE (several splits): the last program of each (batch, kv_head) to finish merges the partials of its G
+    # query heads into Out and Lse, MERGE_ROWS heads at a time (counted in Done [B·H_kv], int32, zero on entry
+    # and left zero); FENCE orders the partial stores before the count (compiled only: inline PTX).
     if LAUNCH_DEPS:  # let the combine kernel launch now (it waits for our results itself: _utils.use_pdl)
         gdc_launch_dependents()
     split = tl.program_id(0)
@@ -258,6 +277,19 @@ def _split_kv_kernel(
         rows = (b * h_q + heads) * num_splits + split  # MidLse is [B, H_q, num_splits], MidO adds HEAD_DIM
         tl.store(MidLse + rows, lse2, mask=g_ok)
         tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+        if MERGE:  # the last of this (batch, kv_head)'s programs to finish merges the partials: no combine launch
+            if FENCE:
+                _fence_gpu(offs_g)  # every thread: its partial is visible GPU-wide before the count moves
+            tl.debug_barrier()
+            pair = b * tl.num_programs(1) + kvh
+            finished = tl.atomic_add(Done + pair, 1, sem="acq_rel")  # one thread; the old count, to every thread
+            if finished == num_splits - 1:
+                if FENCE:
+                    _fence_gpu(offs_g)
+                for r0 in range(0, G, MERGE_ROWS):  # MERGE_ROWS query heads at a time, all their loads at once
+                    _merge_rows(MidO, MidLse, Out, Lse, b * h_q + kvh * G + r0, G - r0, num_splits,
+                                MERGE_ROWS, HEAD_DIM, BLOCK_D, BLOCK_S)
+                tl.store(Done + pair, 0)  # zero again for the next call
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,6 +329,48 @@ def _merge_splits(MidO, MidLse, out_ptrs, lse_ptr, row, num_splits,
 
 
 @triton.jit
+def _merge_rows(MidO, MidLse, Out, Lse, row0, n_rows, num_splits, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_merge_splits for rows row0 .. row0 + min(n_rows, BLOCK_R) − 1 at once (Out contiguous [*, HEAD_DIM]),
+    every load issued together; partials read through L2 (written by other programs of the same launch)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < n_rows
+    d_ok = offs_d < HEAD_DIM
+    rows = row0 + offs_r
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = r_ok[:, None] & ((s0 + offs_s) < num_splits)[None, :]
+        idx = rows[:, None] * num_splits + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
+        lse = tl.load(MidLse + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(MidO + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe[:, None])
+        den = den * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        m = m_new
+    has = den > 0.0
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + rows, tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf")),
+             mask=r_ok)
+
+
+@triton.jit
+def _fence_gpu(like):
+    """``fence.acq_rel.gpu`` in every thread (one per element of ``like``; executing it twice is harmless)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _combine_kernel(
     MidO, MidLse, Out, Lse,
     stride_ob, stride_oh, stride_od,
@@ -311,6 +385,31 @@ def _combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     _merge_splits(MidO, MidLse, Out + b * stride_ob + h * stride_oh + offs_d * stride_od, Lse + row, row, num_splits,
                   HEAD_DIM, BLOCK_D, BLOCK_S, "")
+
+
+_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def merge_rows(group: int, block_s: int, block_d: int) -> int:
+    """Query heads the in-kernel merge takes per step: all ``group`` of them (a power of two ≥ it) while
+    rows × ``block_s`` partials × ``block_d`` channels stay within ``MERGE_TILE`` fp32 values, else fewer."""
+    return min(next_power_of_2(group), max(1, MERGE_TILE // (block_s * block_d)))
+
+
+def merge_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` int32 zeros for an in-kernel merge's per-row counts (this module's split kernel and the KIVI kernel).
+    Every launch sets each count back to zero when it has merged, so one zeroed buffer per (device, stream) serves
+    every later call on that stream without a fill kernel (calls on one stream run one after another).  While a
+    CUDA graph is being captured a fresh zeroed buffer is made (and captured) instead: one allocated inside the
+    capture belongs to the graph's memory pool."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, pdl: bool = False) -> None:
@@ -369,20 +468,27 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     direct = splits == 1  # phase 1 writes out and lse itself: no partials, no combine launch
+    merge = (DECODE_MERGE_IN_KERNEL and splits >= MERGE_MIN_SPLITS
+             and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
     mid_o = out if direct else torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = lse if direct else torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     mask, sm = key_mask_args(key_mask, q)
-    pdl = use_pdl(q.device) and not direct
+    pdl = use_pdl(q.device) and not direct and not merge
+    done = merge_counters(q.device, b * h_kv) if merge else mid_lse  # any pointer: not read without MERGE
+    block_s = min(32, next_power_of_2(splits))  # partials merged per step (combine kernel and in-kernel merge)
     _split_kv_kernel[(splits, h_kv, b)](
         q, k, v, mask, q if seq_lens is None else seq_lens, mid_o, mid_lse, mid_lse if logits is None else logits,
-        out, lse, *q.stride(), *k.stride(), *v.stride(), *sm,
+        out, lse, done, *q.stride(), *k.stride(), *v.stride(), *sm,
         t, tokens_per_split, scale * _LOG2E,
         G=g, BLOCK_G=max(16, next_power_of_2(g)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None, FP32=compute_in_fp32(q.dtype),
-        STORE_LOGITS=logits is not None, LAUNCH_DEPS=pdl, DIRECT=direct, num_warps=cfg.num_warps,
+        STORE_LOGITS=logits is not None, LAUNCH_DEPS=pdl, DIRECT=direct, MERGE=merge,
+        FENCE=merge and not interpreting(), BLOCK_S=block_s if merge else 16,  # (unused without MERGE: no respecializing)
+        MERGE_ROWS=merge_rows(g, block_s, block_d) if merge else 1,
+        num_warps=cfg.num_warps,
         num_stages=pipeline_stages(cfg, splits * h_kv * b, sms),
     )
-    if not direct:
+    if not direct and not merge:
         launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)
 
 

@@ -95,7 +95,7 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import _merge_splits, clamp_splits, launch_combine
+from .decode_attention import _fence_gpu, _merge_splits, clamp_splits, launch_combine, merge_counters
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref", "kivi_token_ranges"]
@@ -203,13 +203,6 @@ def l2_prefetch_tokens(programs: int, sms: int) -> int:
 def _prefetch_l2(ptrs):
     """Ask L2 to fetch the line of every element of ``ptrs`` (one ``prefetch.global.L2`` each, nothing waits)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _fence_gpu(like):
-    """``fence.acq_rel.gpu`` in every thread (one per element of ``like``; executing it twice is harmless)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
@@ -514,22 +507,6 @@ def _kivi_split_kernel(
 # count per head says which one is last), instead of a second, combine kernel after the split kernel (module
 # docstring; False = the combine kernel, with programmatic dependent launch on Hopper).
 KIVI_MERGE_IN_KERNEL = True
-_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
-
-
-def merge_counters(device: torch.device, n: int) -> Tensor:
-    """``n`` int32 zeros for the in-kernel merge's per-head counts.  Every launch sets each count back to zero when
-    it has merged, so one zeroed buffer per (device, stream) serves every later call on that stream without a
-    fill kernel.  While a CUDA graph is being captured a fresh zeroed buffer is made (and captured) instead: one
-    allocated inside the capture belongs to the graph's memory pool."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
 
 
 def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,6 +28,7 @@ from kvkernels.decode_attention import (
     choose_num_splits,
     decode_attention,
     default_config,
+    merge_rows,
     pipeline_stages,
 )
 
@@ -293,20 +294,79 @@ def test_pipeline_stages_known_answers(programs, stages, want):
     assert pipeline_stages(DecodeConfig(num_stages=stages), programs, 132) == want
 
 
-def test_one_split_writes_the_answer_without_a_combine_launch(monkeypatch):
+def test_which_calls_launch_the_combine_kernel(monkeypatch):
+    """One split writes the answer itself; MERGE_MIN_SPLITS (4) or more merge in the split kernel; 2-3 splits, or
+    any count with DECODE_MERGE_IN_KERNEL off, launch the combine kernel."""
     module = sys.modules["kvkernels.decode_attention"]  # the module (the package exports the function by that name)
     q, k, v = make(2, 2, 3, 40, 32, F16)
     want = decode_attention(q, k, v, num_splits=3)
 
     def no_combine(*args, **kwargs):
-        raise AssertionError("one split must not launch the combine kernel")
+        raise AssertionError("this call must not launch the combine kernel")
 
     monkeypatch.setattr(module, "launch_combine", no_combine)
     out, lse = decode_attention(q, k, v, num_splits=1, return_lse=True)
     assert_matches_reference(q, k, v, out, lse)
     torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
+    monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", True)
+    assert module.MERGE_MIN_SPLITS == 4
+    with pytest.raises(AssertionError, match="must not launch"):  # 3 splits: the combine launch
+        decode_attention(q, k, v, num_splits=3)
+    assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))  # 4: merged in the split kernel
+    monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", False)
     with pytest.raises(AssertionError, match="must not launch"):
-        decode_attention(q, k, v, num_splits=2)
+        decode_attention(q, k, v, num_splits=4)
+
+
+@pytest.mark.parametrize("splits", [4, 5, 40])  # 40 ranges of 7 tokens: trailing ones empty
+def test_in_kernel_merge_equals_combine_kernel(monkeypatch, splits):
+    """The last program of each (batch, kv_head) merges the partials of its G query heads itself
+    (DECODE_MERGE_IN_KERNEL): the same output and LSE as the separate combine kernel, both matching the reference,
+    with ragged rows (one empty) and an odd group size."""
+    module = sys.modules["kvkernels.decode_attention"]
+    q, k, v = make(3, 2, 3, 270, 32, F32)
+    seq_lens = torch.tensor([270, 0, 101], device=DEV)
+    outs = {}
+    for merge in (False, True):
+        monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", merge)
+        outs[merge] = decode_attention(q, k, v, seq_lens=seq_lens, num_splits=splits, return_lse=True)
+        assert_matches_reference(q, k, v, *outs[merge], seq_lens=seq_lens)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=1e-6)
+
+
+def test_in_kernel_merge_in_steps_of_fewer_heads(monkeypatch):
+    """With 32 partials of D = 128 a merge step holds MERGE_TILE // (32·128) = 2 of the group's 3 query heads:
+    two steps (2 heads, then 1), the same answer as the combine kernel."""
+    module = sys.modules["kvkernels.decode_attention"]
+    assert merge_rows(3, 32, 128) == 2
+    q, k, v = make(2, 1, 3, 200, 128, F32)
+    outs = {}
+    for merge in (False, True):
+        monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", merge)
+        outs[merge] = decode_attention(q, k, v, num_splits=40, return_lse=True)
+        assert_matches_reference(q, k, v, *outs[merge])
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("group", "block_s", "block_d", "want"), [(4, 16, 128, 4), (3, 2, 64, 4), (8, 32, 128, 2),
+                                                                 (128, 32, 256, 1), (1, 1, 16, 1)])
+def test_merge_rows_known_answers(group, block_s, block_d, want):
+    """All of a group's heads per merge step while heads × partials × channels ≤ MERGE_TILE (8192), else fewer."""
+    assert merge_rows(group, block_s, block_d) == want
+
+
+def test_in_kernel_merge_counts_return_to_zero(monkeypatch):
+    """Each launch leaves its per-(batch, kv_head) counts at zero, so the next call (same or more pairs) merges
+    again; a count left behind would skip the merge and leave the output unwritten."""
+    module = sys.modules["kvkernels.decode_attention"]
+    monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", True)
+    monkeypatch.setattr(module, "_COUNTERS", {})
+    for b, h_kv, splits in ((1, 2, 4), (1, 2, 4), (3, 2, 5)):
+        q, k, v = make(b, h_kv, 2, 100, 16, F32)
+        out, lse = decode_attention(q, k, v, num_splits=splits, return_lse=True)
+        assert_matches_reference(q, k, v, out, lse)
+        (buf,) = module._COUNTERS.values()
+        assert int(torch.count_nonzero(buf)) == 0
 
 
 def test_default_config_and_helpers():
@@ -413,6 +473,8 @@ def split_types(ptr):
             types[a] = "*i64"
         elif a in ("MidO", "MidLse", "Logits", "Lse"):
             types[a] = "*fp32"
+        elif a == "Done":
+            types[a] = "*i32"
         elif a == "qk_scale_log2":
             types[a] = "fp32"
         else:
@@ -443,6 +505,13 @@ for ptr in ("*fp16", "*bf16", "*fp32"):
     assert ("griddepcontrol.wait" in k.asm["ptx"]) == wait
 k = compile_for_gpu(_split_kv_kernel, split_types("*fp16"), dict(const, LAUNCH_DEPS=True), divisible_by_16=aligned)
 assert "griddepcontrol.launch_dependents" in k.asm["ptx"]
+assert "fence.acq_rel.gpu" not in k.asm["ptx"] and "atom.global" not in k.asm["ptx"]
+# the in-kernel merge: partials fenced before an acq_rel count, the merge reading them through L2
+k = compile_for_gpu(_split_kv_kernel, split_types("*fp16"), dict(const, MERGE=True, FENCE=True, BLOCK_S=16),
+                    divisible_by_16=aligned)
+ptx = k.asm["ptx"]
+assert "griddepcontrol" not in ptx and "fence.acq_rel.gpu" in ptx and "atom.global.gpu.acq_rel" in ptx
+assert "ld.global.cg" in ptx
 # the one-split epilogue that writes Out and Lse directly
 k = compile_for_gpu(_split_kv_kernel, split_types("*bf16"), dict(const, DIRECT=True), divisible_by_16=aligned)
 assert "griddepcontrol" not in k.asm["ptx"] and k.asm["ptx"].count("st.global") >= 2

@@ -13,6 +13,8 @@ the kernel is fp32).  Log-sum-exp: 2e-4 abs / 1e-5 rel.
 
 from __future__ import annotations
 
+import sys
+
 import kvkernels.kivi_attention as kivi_attention_module
 import pytest
 import torch
@@ -30,6 +32,8 @@ from kvkernels.kivi_attention import (
 
 from refimpl.attention import decode_attention as ref_attention
 from refimpl.kivi import KIVICache, NaiveQuantCache
+
+decode_attention_module = sys.modules["kvkernels.decode_attention"]  # the package exports the function by that name
 
 DEV = kernel_device()
 ON_GPU = DEV.type == "cuda"
@@ -309,11 +313,11 @@ def test_in_kernel_merge_counts_return_to_zero(monkeypatch):
     """Each launch leaves its per-head counts at zero, so the next call (same or more heads) merges again; a count
     left behind would skip the merge and leave the output unwritten."""
     monkeypatch.setattr(kivi_attention_module, "KIVI_MERGE_IN_KERNEL", True)
-    monkeypatch.setattr(kivi_attention_module, "_COUNTERS", {})
+    monkeypatch.setattr(decode_attention_module, "_COUNTERS", {})
     for b, h_kv, splits in ((1, 2, 3), (1, 2, 3), (3, 1, 4)):
         c = build(b, h_kv, 200, 32, 4, 16, 32, F32, seed=20 + b)
         check(c, query(b, 2 * h_kv, 32, F32, seed=21), num_splits=splits)
-        (buf,) = kivi_attention_module._COUNTERS.values()
+        (buf,) = decode_attention_module._COUNTERS.values()
         assert int(torch.count_nonzero(buf)) == 0
 
 
