@@ -15,8 +15,8 @@
 #     pip install --no-index --no-deps --target <dir>   and puts <dir> on PYTHONPATH.
 # Nothing is downloaded here; HF_HUB_OFFLINE=1 makes any hub access fail fast instead of hanging.
 # The notebooks read the course's books through KVCOURSE_DATA_DIR (without it they try the hub and fail offline).
-# Where the whole book folder cannot travel, scripts/make_gpu_data_subset.py writes the 18 books they need (~3.5 MB)
-# to .data-gpu/ (git-ignored): bring that along and export KVCOURSE_DATA_DIR=$PWD/.data-gpu.
+# Where the whole book folder cannot travel, scripts/make_gpu_data_subset.py writes an 18-book subset they run on
+# (~3.5 MB) to .data-gpu/ (git-ignored): bring that along and export KVCOURSE_DATA_DIR=$PWD/.data-gpu.
 #
 # Exit status: 0 only if both pytest runs pass.  The summary (summary.md) lists the GPU, versions, and the
 # closing line of each run; commit a copy of it as the record of a validation run.
