@@ -278,14 +278,8 @@ def _split_kv_kernel(
         tl.store(MidLse + rows, lse2, mask=g_ok)
         tl.store(MidO + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
         if MERGE:  # the last of this (batch, kv_head)'s programs to finish merges the partials: no combine launch
-            if FENCE:
-                _fence_gpu(offs_g)  # every thread: its partial is visible GPU-wide before the count moves
-            tl.debug_barrier()
             pair = b * tl.num_programs(1) + kvh
-            finished = tl.atomic_add(Done + pair, 1, sem="acq_rel")  # one thread; the old count, to every thread
-            if finished == num_splits - 1:
-                if FENCE:
-                    _fence_gpu(offs_g)
+            if _last_to_arrive(Done + pair, num_splits, offs_g, FENCE):
                 for r0 in range(0, G, MERGE_ROWS):  # MERGE_ROWS query heads at a time, all their loads at once
                     _merge_rows(MidO, MidLse, Out, Lse, b * h_q + kvh * G + r0, G - r0, num_splits,
                                 MERGE_ROWS, HEAD_DIM, BLOCK_D, BLOCK_S)
@@ -368,6 +362,23 @@ def _fence_gpu(like):
     """``fence.acq_rel.gpu`` in every thread (one per element of ``like``; executing it twice is harmless)."""
     tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def _last_to_arrive(count_ptr, n, like, FENCE: tl.constexpr):
+    """For an in-kernel merge, after this program stored its partial: count it at ``count_ptr`` and return whether
+    it was the last of the ``n`` programs sharing the count.  Every thread fences first (``FENCE``; its partial is
+    visible GPU-wide before the count moves), one thread adds with acq_rel and all receive the old count, and the
+    last program fences again before it reads the others' partials (through L2: ``.cg``).  The caller sets the
+    count back to 0 after merging, so the next launch finds it zero."""
+    if FENCE:
+        _fence_gpu(like)
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == n - 1
+    if FENCE:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if last:
+            _fence_gpu(like)
+    return last
 
 
 @triton.jit

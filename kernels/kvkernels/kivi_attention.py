@@ -95,7 +95,7 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import _fence_gpu, _merge_splits, clamp_splits, launch_combine, merge_counters
+from .decode_attention import _last_to_arrive, _merge_splits, clamp_splits, launch_combine, merge_counters
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref", "kivi_token_ranges"]
@@ -487,14 +487,8 @@ def _kivi_split_kernel(
     tl.store(MidO + row * (WORDS * CPW) + _split_channels(w1 * CPW, CPW), o, mask=_expand_codes(w1 < WORDS, CPW))
 
     if MERGE:  # the last of this (batch, head)'s programs to finish merges the partials: no combine launch
-        if FENCE:
-            _fence_gpu(tt)  # every thread: its partial is visible GPU-wide before the count moves
-        tl.debug_barrier()
         head = b * h_q + h
-        finished = tl.atomic_add(Done + head, 1, sem="acq_rel")  # one thread; the old count, to every thread
-        if finished == num_splits - 1:
-            if FENCE:
-                _fence_gpu(tt)
+        if _last_to_arrive(Done + head, num_splits, tt, FENCE):
             D: tl.constexpr = WORDS * CPW
             BLOCK_D: tl.constexpr = BLOCK_W * CPW
             offs_d = tl.arange(0, BLOCK_D)
