@@ -283,7 +283,7 @@ def disable_kivi_fused(model) -> None:
 H, D, G, R = 32, 128, 32, 128
 BATCHES = (1, 4, 8, 16, 32)
 CONTEXTS = (4096, 8192, 16384, 32768, 65536)
-ROUNDS = 3  # interleaved timing rounds per shape (common.time_interleaved)
+ROUNDS = 4  # interleaved timing rounds per shape, order alternating (common.time_interleaved)
 KIVI_CONFIGS = (KIVIDecodeConfig(8, 1, 128), KIVIDecodeConfig(16, 1, None), KIVIDecodeConfig(8, 1, None),
                 KIVIDecodeConfig(32, 4, None))
 ATT_COLUMNS = ["bits", "B", "context", "fp16 K+V MB", "KIVI MB", "KIVI µs", "KIVI config", "KIVI % of copy BW",
@@ -390,7 +390,8 @@ def run_attention(device, timer, batches, contexts, copy_bw: float | None, reps:
         for name, fn in sdpa_fns(q4, k, v).items():
             fns["sdpa " + name] = fn
         fns["split"] = lambda q=q, k=k, v=v: decode_attention(q, k, v)
-        # every contender once per round, ROUNDS rounds, each keeps its lowest round median (common.time_interleaved)
+        # every contender once per round (order reversed every other round), ROUNDS rounds, each keeps its lowest
+        # round median (common.time_interleaved)
         us = {name: ms * 1e3 for name, ms in time_interleaved(fns, rounds=ROUNDS, reps=reps, timer=timer).items()}
         best_cfg = min((c for c in us if not isinstance(c, str)), key=lambda c: us[c])
         best_us = us[best_cfg]
@@ -721,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"copy_bandwidth_tbps": f"{copy_bw / 1e12:.3f}",
                 "timing": f"median of {args.reps} calls, L2 flushed (read) before each, CUDA events; lowest median "
                           f"of {ROUNDS} interleaved rounds (every KIVI config, SDPA backend and the fp16 split-KV "
-                          "kernel per round; benchmarks/common.py)",
+                          "kernel per round, the order reversed every other round; benchmarks/common.py)",
                 "cache_state": "mid decode step: context packed keys + 64 fp keys, 129 fp values, rest packed values"}
         print(f"wrote {table.write(SCRIPT + '_attention', gpu, meta, notes)}")
         print("\n".join(notes))

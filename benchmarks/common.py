@@ -157,16 +157,22 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, reps: int = 30) -> dict
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, reps: int = 30,
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 4, reps: int = 30,
                      timer: Callable[..., dict[str, float]] = time_cuda) -> dict[str, float]:
     """Median time (ms) of each of ``fns``, measured in ``rounds`` interleaved rounds (every function once per
-    round, in turn); the lowest round median is kept for each.  A transient slow spell of the GPU (seen on
-    H100s as one shape's median coming out 1.2-2x its usual value) then costs a round, not the comparison,
-    and every contender gets the same chances."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], timer(fn, reps=reps)["median_ms"])
+    round, in the given order in even rounds and the reverse order in odd ones); the lowest round median is kept
+    for each.  A transient slow spell of the GPU (seen on H100s as one shape's median coming out 1.2-2x its usual
+    value) then costs a round, not the comparison, and every contender gets the same chances.  The order
+    alternates because a fixed one biased a comparison on an H100: two copies of the same split-KV kernel (batch 8,
+    2k tokens, ~29.5 µs) came out 1.7-2.0% apart in 3 repeats when always timed in the same order, and 0.1-0.4%
+    apart with the order alternating (kivi_experiments_h100-sxm.md, run 16)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
+    names = list(fns)
+    best = {name: float("inf") for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            best[name] = min(best[name], timer(fns[name], reps=reps)["median_ms"])
     return best
 
 

@@ -93,7 +93,8 @@ MAX_SPLITS = 128
 # H100, side by side (benchmarks/results/decode_attention_repeats_h100-sxm.md, run 15), H_q = 32, H_kv = 8:
 # 16 splits (batch 1): 4.3-6.0% faster with 4k tokens, 1.6-2.4% at 16k, 0.3-0.9% at 64k-128k; 4 splits (batch 4):
 # 2.5-3.2% at 4k, 0.8-1.1% at 16k, level at 64k-128k; 2 splits: 0.3-2.2% *slower* (batch 8, 1.6k-8k tokens; batch
-# 16, 16k: 0.9-1.2%).  While a CUDA graph is captured the combine launch is used too: the merge's count buffer
+# 16, 16k: 0.9-1.2%; the batch-8 figures are within the timing-order bias of kivi_experiments_h100-sxm.md, run 16,
+# and were not re-measured).  While a CUDA graph is captured the combine launch is used too: the merge's count buffer
 # must start at zero, and zeroing it in the graph (a memset node per call) cost ~1 µs per call (batch 8).  Merging
 # the G heads one after another instead of all at once was 0.4-22% slower than the combine launch.
 DECODE_MERGE_IN_KERNEL = True
@@ -407,6 +408,11 @@ def merge_rows(group: int, block_s: int, block_d: int) -> int:
     return min(next_power_of_2(group), max(1, MERGE_TILE // (block_s * block_d)))
 
 
+def capturing(like: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (of ``like``'s device)."""
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def merge_counters(device: torch.device, n: int) -> Tensor:
     """``n`` int32 zeros for an in-kernel merge's per-row counts (this module's split kernel and the KIVI kernel).
     Every launch sets each count back to zero when it has merged, so one zeroed buffer per (device, stream) serves
@@ -479,8 +485,7 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     direct = splits == 1  # phase 1 writes out and lse itself: no partials, no combine launch
-    merge = (DECODE_MERGE_IN_KERNEL and splits >= MERGE_MIN_SPLITS
-             and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
+    merge = DECODE_MERGE_IN_KERNEL and splits >= MERGE_MIN_SPLITS and not capturing(q)
     mid_o = out if direct else torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = lse if direct else torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     mask, sm = key_mask_args(key_mask, q)

@@ -28,8 +28,8 @@ gained 10–20%.  Then, once per key group, asking L2 to prefetch rows a little 
 registers wait for them; ``KIVI_L2_PREFETCH_TOKENS``) gained 4–13% from batch 4 up, and giving the tail token
 ranges of its own (``kivi_token_ranges``) 4–35% at batch 1–8, and merging the partials in-kernel (below) 2.6–5.4%
 at batch 1 with 16k–64k tokens.  At 32k context it reads at 55–76% of the copy bandwidth, 2.98–3.94x faster than
-fp16 SDPA decode (benchmarks/results/bench_kivi_attention_h100-sxm.md) — not yet the ≥ 4x that its 5.3x fewer
-bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
+fp16 SDPA decode (2.98–3.81x in a later run of the same code: benchmarks/results/bench_kivi_attention_h100-sxm.md)
+— not yet the ≥ 4x that its 5.3x fewer bytes allow.  Before the L2 prefetch, instruction issue bound it at large batch
 (benchmarks/results/kivi_experiments_h100-sxm.md): at batch 32 Nsight Compute counted 77% of issue slots busy, a
 variant whose loads all hit L1 took only 23% less time, and prefetching 2 or 3 tiles ahead into registers instead
 of 1 was slower (more registers, spills at the 128 cap).  With the prefetch and the tail ranges it issues in 73%
@@ -70,8 +70,10 @@ Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) han
 partial output with its log2-sum-exp, and the last of a (batch, head)'s programs to finish (an atomic count per head)
 merges them in the same launch (``decode_attention._merge_splits``, the body of the separate combine kernel, which
 ``KIVI_MERGE_IN_KERNEL = False`` launches instead): on an H100 2.6-5.4% faster at batch 1 with 16k-64k tokens,
-level within the run-to-run spread at 4k and from batch 4 up (kivi_experiments_h100-sxm.md, run 14).  Each query head
-re-reads its KV head's codes (through L2 for GQA); MHA — where the authors recommend KIVI-2 — reads each once.
+level within the run-to-run spread at 4k and from batch 4 up (kivi_experiments_h100-sxm.md, run 14).  In a CUDA
+graph, where the merge costs a memset per replay, only ranges of ``GRAPH_MERGE_MIN_TOKENS`` or more are merged in
+the kernel (run 16).  Each query head re-reads its KV head's codes (through L2 for GQA); MHA — where the authors
+recommend KIVI-2 — reads each once.
 Ranges are whole key groups, the bulk and the tail in ranges of their own by default (``kivi_token_ranges``).  The
 bulk (tokens with both key and value quantized) runs a branch-free loop over key groups — the per-channel key
 factors once per group — and their tiles, each tile's packed words and value scales loaded one tile ahead (and
@@ -95,7 +97,14 @@ from refimpl.attention import decode_attention as ref_decode_attention
 from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
-from .decode_attention import _last_to_arrive, _merge_splits, clamp_splits, launch_combine, merge_counters
+from .decode_attention import (
+    _last_to_arrive,
+    _merge_splits,
+    capturing,
+    clamp_splits,
+    launch_combine,
+    merge_counters,
+)
 
 __all__ = ["KIVIDecodeConfig", "choose_kivi_splits", "kivi_cache_attention", "kivi_decode_attention",
            "kivi_decode_attention_ref", "kivi_token_ranges"]
@@ -501,6 +510,14 @@ def _kivi_split_kernel(
 # count per head says which one is last), instead of a second, combine kernel after the split kernel (module
 # docstring; False = the combine kernel, with programmatic dependent launch on Hopper).
 KIVI_MERGE_IN_KERNEL = True
+# While a CUDA graph is captured the merge needs a fresh zeroed count buffer (decode_attention.merge_counters): a
+# memset node per replay.  Graphs merge in the kernel only when the bulk ranges hold at least GRAPH_MERGE_MIN_TOKENS
+# tokens, else they launch the combine kernel.  H100, KIVI-2 (H = 32, D = 128), CUDA-graph replays side by side with
+# the order alternating (kivi_experiments_h100-sxm.md, run 16); time with the combine kernel / time merged in the
+# graph: batch 1 with 32k and 64k tokens (512 and 1024 per range) 1.025 and 1.035; batch 1 with 4k and 16k tokens
+# (96 and 256 per range) 0.927 and 0.993; batch 8 with 4k (480) 0.978; batch 4 and 8 with 32k (1024) 0.995 and
+# 0.996 (this rule's one loss: 0.4-0.5%).
+GRAPH_MERGE_MIN_TOKENS = 512
 
 
 def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -633,7 +650,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
     words = d // f
-    merge = KIVI_MERGE_IN_KERNEL
+    merge = KIVI_MERGE_IN_KERNEL and (tokens_per_split >= GRAPH_MERGE_MIN_TOKENS or not capturing(q))
     pdl = use_pdl(q.device) and not merge
     done = merge_counters(q.device, b * h_q) if merge else mid_lse  # any pointer: not read without MERGE
     _kivi_split_kernel[(splits, h_q, b)](

@@ -318,6 +318,21 @@ def test_which_calls_launch_the_combine_kernel(monkeypatch):
         decode_attention(q, k, v, num_splits=4)
 
 
+def test_no_in_kernel_merge_while_a_graph_is_captured(monkeypatch):
+    """While a CUDA graph is captured (``capturing`` patched to say so) 4+ splits launch the combine kernel."""
+    module = sys.modules["kvkernels.decode_attention"]
+    q, k, v = make(2, 2, 3, 40, 32, F16)
+    calls = []
+    real = module.launch_combine
+    monkeypatch.setattr(module, "launch_combine", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", True)
+    assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))
+    assert calls == []  # not capturing: merged in the split kernel
+    monkeypatch.setattr(module, "capturing", lambda like: True)
+    assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("splits", [4, 5, 40])  # 40 ranges of 7 tokens: trailing ones empty
 def test_in_kernel_merge_equals_combine_kernel(monkeypatch, splits):
     """The last program of each (batch, kv_head) merges the partials of its G query heads itself
@@ -581,6 +596,24 @@ def test_gpu_call_is_cuda_graph_capturable():
     assert_matches_reference(q, k, v, out, seq_lens=seq_lens)
 
 
+@pytest.mark.gpu
+def test_gpu_graph_with_many_splits_launches_the_combine_kernel():
+    """16 splits (eager: merged in the split kernel) captured (the combine kernel runs in the graph): replays on
+    new data are right, and so are eager calls after the capture."""
+    q, k, v = make(1, 8, 4, 4096, 128, F16)
+    decode_attention(q, k, v, num_splits=16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, num_splits=16)
+    for seed in (1, 2):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(DEV, F16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(q, k, v, out)
+        assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=16))
+
+
 # =========================================================================================================
 # The benchmark harness (its CPU-checkable parts)
 # =========================================================================================================
@@ -605,6 +638,22 @@ def bench_modules(monkeypatch):
 def test_bench_datasheet_lookup(bench_modules, name, slug, tbps):
     common, _ = bench_modules
     assert common.datasheet_tbps(name) == (slug, tbps)
+
+
+def test_bench_interleaved_rounds_alternate_the_order(bench_modules):
+    """Each contender is timed once per round, in the given order, then reversed, ...; each keeps its best round."""
+    common, _ = bench_modules
+    order, times = [], {"a": [3.0, 1.0, 2.0, 2.0], "b": [1.0, 4.0, 4.0, 0.5], "c": [2.0, 2.0, 2.0, 2.0]}
+    fns = {name: name for name in times}
+
+    def timer(fn, reps):
+        order.append(fn)
+        return {"median_ms": times[fn][sum(x == fn for x in order) - 1]}
+
+    assert common.time_interleaved(fns, rounds=4, timer=timer) == {"a": 1.0, "b": 0.5, "c": 2.0}
+    assert "".join(order) == "abccbaabccba"
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        common.time_interleaved(fns, rounds=0, timer=timer)
 
 
 def test_bench_table_round_trip(bench_modules, tmp_path):

@@ -321,6 +321,50 @@ def test_in_kernel_merge_counts_return_to_zero(monkeypatch):
         assert int(torch.count_nonzero(buf)) == 0
 
 
+@pytest.mark.parametrize("min_tokens", [0, 10**9])
+def test_merge_while_a_graph_is_captured(monkeypatch, min_tokens):
+    """While a CUDA graph is captured (``capturing`` patched to say so) the partials are merged in the kernel (with a
+    fresh zeroed count buffer) when the ranges hold GRAPH_MERGE_MIN_TOKENS or more, else by the combine kernel;
+    eager calls always merge in the kernel."""
+    monkeypatch.setattr(kivi_attention_module, "KIVI_MERGE_IN_KERNEL", True)
+    monkeypatch.setattr(kivi_attention_module, "GRAPH_MERGE_MIN_TOKENS", min_tokens)
+    c = build(1, 2, 200, 32, 2, 16, 32, F32, seed=22)
+    q = query(1, 2, 32, F32, seed=23)
+    calls = []
+    real = kivi_attention_module.launch_combine
+    monkeypatch.setattr(kivi_attention_module, "launch_combine", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    check(c, q, num_splits=3)
+    assert calls == []
+    monkeypatch.setattr(kivi_attention_module, "capturing", lambda like: True)
+    check(c, q, num_splits=3)
+    assert calls == ([] if min_tokens == 0 else [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_tokens", [0, 10**9])
+def test_gpu_call_is_cuda_graph_capturable(monkeypatch, min_tokens):
+    """Captured once (mid-step cache, the default split count), replayed on new queries: the reference's answer,
+    and eager calls after the capture still right; with the merge in the graph (its own zeroed count buffer, set
+    back to zero by every replay) or the combine kernel."""
+    monkeypatch.setattr(kivi_attention_module, "GRAPH_MERGE_MIN_TOKENS", min_tokens)
+    c = build(2, 4, 3000, 128, 2, 32, 128, F16, seed=24, mid_step=True)
+    st = c.layer_state(0)
+    args = (st.k_codes, st.k_scale, st.k_zero, st.k_res, st.v_codes, st.v_scale, st.v_zero, st.v_res)
+    q = query(2, 4, 128, F16, seed=25)
+    kivi_decode_attention(q, *args, bits=2, group_size=32)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kivi_decode_attention(q, *args, bits=2, group_size=32)
+    for seed in (26, 27, 28):
+        q.copy_(query(2, 4, 128, F16, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = kivi_decode_attention_ref(q.cpu(), *(a.cpu() for a in args), bits=2, group_size=32)
+        torch.testing.assert_close(out.float().cpu(), want.float(), atol=2e-3, rtol=2e-3)
+        check(c, q)
+
+
 KIVI_AOT_SCRIPT = r"""
 from kvkernels._utils import compile_for_gpu
 from kvkernels.kivi_attention import K_KEY, K_VAL, _kivi_split_kernel
