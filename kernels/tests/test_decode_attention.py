@@ -597,7 +597,7 @@ def test_gpu_call_is_cuda_graph_capturable():
 
 
 @pytest.mark.gpu
-def test_gpu_graph_with_many_splits_launches_the_combine_kernel():
+def test_gpu_graph_capture_with_many_splits():
     """16 splits (eager: merged in the split kernel) captured (the combine kernel runs in the graph): replays on
     new data are right, and so are eager calls after the capture."""
     q, k, v = make(1, 8, 4, 4096, 128, F16)
