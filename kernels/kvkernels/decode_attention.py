@@ -408,9 +408,9 @@ def merge_rows(group: int, block_s: int, block_d: int) -> int:
     return min(next_power_of_2(group), max(1, MERGE_TILE // (block_s * block_d)))
 
 
-def capturing(like: Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (of ``like``'s device)."""
-    return like.is_cuda and torch.cuda.is_current_stream_capturing()
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def merge_counters(device: torch.device, n: int) -> Tensor:
@@ -419,7 +419,7 @@ def merge_counters(device: torch.device, n: int) -> Tensor:
     every later call on that stream without a fill kernel (calls on one stream run one after another).  While a
     CUDA graph is being captured a fresh zeroed buffer is made (and captured) instead: one allocated inside the
     capture belongs to the graph's memory pool."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     buf = _COUNTERS.get(key)
@@ -485,7 +485,7 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     direct = splits == 1  # phase 1 writes out and lse itself: no partials, no combine launch
-    merge = DECODE_MERGE_IN_KERNEL and splits >= MERGE_MIN_SPLITS and not capturing(q)
+    merge = DECODE_MERGE_IN_KERNEL and splits >= MERGE_MIN_SPLITS and not capturing(q.device)
     mid_o = out if direct else torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = lse if direct else torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     mask, sm = key_mask_args(key_mask, q)

@@ -650,7 +650,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
     out = torch.empty((b, h_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q), dtype=torch.float32, device=q.device)
     words = d // f
-    merge = KIVI_MERGE_IN_KERNEL and (tokens_per_split >= GRAPH_MERGE_MIN_TOKENS or not capturing(q))
+    merge = KIVI_MERGE_IN_KERNEL and (tokens_per_split >= GRAPH_MERGE_MIN_TOKENS or not capturing(q.device))
     pdl = use_pdl(q.device) and not merge
     done = merge_counters(q.device, b * h_q) if merge else mid_lse  # any pointer: not read without MERGE
     _kivi_split_kernel[(splits, h_q, b)](

@@ -328,7 +328,7 @@ def test_no_in_kernel_merge_while_a_graph_is_captured(monkeypatch):
     monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", True)
     assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))
     assert calls == []  # not capturing: merged in the split kernel
-    monkeypatch.setattr(module, "capturing", lambda like: True)
+    monkeypatch.setattr(module, "capturing", lambda device: True)
     assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))
     assert calls == [1]
 

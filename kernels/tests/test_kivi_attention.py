@@ -335,7 +335,7 @@ def test_merge_while_a_graph_is_captured(monkeypatch, min_tokens):
     monkeypatch.setattr(kivi_attention_module, "launch_combine", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
     check(c, q, num_splits=3)
     assert calls == []
-    monkeypatch.setattr(kivi_attention_module, "capturing", lambda like: True)
+    monkeypatch.setattr(kivi_attention_module, "capturing", lambda device: True)
     check(c, q, num_splits=3)
     assert calls == ([] if min_tokens == 0 else [1])
 
