@@ -19,11 +19,11 @@ elements — and does only ~4·H_q·T·D flops, so it is **memory-bound**: the b
 
        L = log Σ_s e^{L_s},     out = Σ_s e^{L_s − L} o_s.
 
-   With 4 or more splits phase 2 runs inside the phase-1 launch: each program stores its partial, fences, and
+   With 3 or more splits phase 2 runs inside the phase-1 launch: each program stores its partial, fences, and
    bumps an atomic count per (batch, kv_head); the program that finds itself last merges that group's partials
-   (all its query heads at once) and resets the count.  On an H100 this was 0.3–6% faster than a second,
-   combine launch with 4 and 16 splits (the most at the shortest calls), level at 64k+ tokens with 4, and
-   0.3–2.2% slower with 2 (``DECODE_MERGE_IN_KERNEL``).  Otherwise phase 2 is a second launch, which on Hopper
+   (all its query heads at once) and resets the count.  On an H100 this was up to 6% faster than a second,
+   combine launch with 3, 4 and 16 splits (the most at the shortest calls; level with 3 splits at 16k tokens and
+   with 4 at 64k+), and up to 2.7% slower with 2 (``DECODE_MERGE_IN_KERNEL``).  Otherwise phase 2 is a second launch, which on Hopper
    overlaps its start with phase 1 (programmatic dependent launch, ``kvkernels._utils.use_pdl``): that had saved
    0.2–3.1 µs per call on 15 of 16 shapes.
 
@@ -90,15 +90,17 @@ MAX_SPLITS = 128
 # With at least MERGE_MIN_SPLITS splits, the last program of each (batch, kv_head) to finish merges the partials of
 # its G query heads (an atomic count per pair says which one is last) instead of a second, combine launch (the
 # combine kernel, with programmatic dependent launch on Hopper, otherwise and when DECODE_MERGE_IN_KERNEL is False).
-# H100, side by side (benchmarks/results/decode_attention_repeats_h100-sxm.md, run 15), H_q = 32, H_kv = 8:
-# 16 splits (batch 1): 4.3-6.0% faster with 4k tokens, 1.6-2.4% at 16k, 0.3-0.9% at 64k-128k; 4 splits (batch 4):
-# 2.5-3.2% at 4k, 0.8-1.1% at 16k, level at 64k-128k; 2 splits: 0.3-2.2% *slower* (batch 8, 1.6k-8k tokens; batch
-# 16, 16k: 0.9-1.2%; the batch-8 figures are within the timing-order bias of kivi_experiments_h100-sxm.md, run 16,
-# and were not re-measured).  While a CUDA graph is captured the combine launch is used too: the merge's count buffer
-# must start at zero, and zeroing it in the graph (a memset node per call) cost ~1 µs per call (batch 8).  Merging
-# the G heads one after another instead of all at once was 0.4-22% slower than the combine launch.
+# H100, side by side (benchmarks/results/decode_attention_repeats_h100-sxm.md), H_q = 32, H_kv = 8, merged time /
+# combine time: 16 splits (batch 1): 0.940-0.957 with 4k tokens, 0.976-0.984 at 16k, 0.991-0.997 at 64k-128k;
+# 4 splits (batch 4): 0.968-0.975 at 4k, 0.989-0.992 at 16k, level at 64k-128k (run 15, the combine launch always
+# timed first); 3 splits (batch 5): 0.957-0.965 at 1.6k, 0.984-0.992 at 4k, 0.986-0.993 at 8k, 0.995-1.000 at 16k;
+# 2 splits (batch 6 and 8): 0.998-1.027 at 1.6k-16k, batch 16 × 16k 1.009-1.011 (run 17, the order alternating;
+# two copies of the combine launch timed as A/A came out 0.979-1.014, the widest at the ~20 µs calls).
+# While a CUDA graph is captured the combine launch is used too: the merge's count buffer must start at zero, and
+# zeroing it in the graph (a memset node per call) cost ~1 µs per call (batch 8).  Merging the G heads one after
+# another instead of all at once was 0.4-22% slower than the combine launch.
 DECODE_MERGE_IN_KERNEL = True
-MERGE_MIN_SPLITS = 4
+MERGE_MIN_SPLITS = 3
 MERGE_TILE = 8192  # fp32 partial values one merge step holds (rows × splits × head dim): 64 per thread at 4 warps
 
 _LOG2E = 1.4426950408889634

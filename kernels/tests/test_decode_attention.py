@@ -295,11 +295,11 @@ def test_pipeline_stages_known_answers(programs, stages, want):
 
 
 def test_which_calls_launch_the_combine_kernel(monkeypatch):
-    """One split writes the answer itself; MERGE_MIN_SPLITS (4) or more merge in the split kernel; 2-3 splits, or
+    """One split writes the answer itself; MERGE_MIN_SPLITS (3) or more merge in the split kernel; 2 splits, or
     any count with DECODE_MERGE_IN_KERNEL off, launch the combine kernel."""
     module = sys.modules["kvkernels.decode_attention"]  # the module (the package exports the function by that name)
     q, k, v = make(2, 2, 3, 40, 32, F16)
-    want = decode_attention(q, k, v, num_splits=3)
+    want = decode_attention(q, k, v, num_splits=2)
 
     def no_combine(*args, **kwargs):
         raise AssertionError("this call must not launch the combine kernel")
@@ -309,17 +309,18 @@ def test_which_calls_launch_the_combine_kernel(monkeypatch):
     assert_matches_reference(q, k, v, out, lse)
     torch.testing.assert_close(out, want, atol=2e-3, rtol=0)
     monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", True)
-    assert module.MERGE_MIN_SPLITS == 4
-    with pytest.raises(AssertionError, match="must not launch"):  # 3 splits: the combine launch
-        decode_attention(q, k, v, num_splits=3)
-    assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=4))  # 4: merged in the split kernel
+    assert module.MERGE_MIN_SPLITS == 3
+    with pytest.raises(AssertionError, match="must not launch"):  # 2 splits: the combine launch
+        decode_attention(q, k, v, num_splits=2)
+    for splits in (3, 4):  # merged in the split kernel
+        assert_matches_reference(q, k, v, decode_attention(q, k, v, num_splits=splits))
     monkeypatch.setattr(module, "DECODE_MERGE_IN_KERNEL", False)
     with pytest.raises(AssertionError, match="must not launch"):
-        decode_attention(q, k, v, num_splits=4)
+        decode_attention(q, k, v, num_splits=3)
 
 
 def test_no_in_kernel_merge_while_a_graph_is_captured(monkeypatch):
-    """While a CUDA graph is captured (``capturing`` patched to say so) 4+ splits launch the combine kernel."""
+    """While a CUDA graph is captured (``capturing`` patched to say so) 3+ splits launch the combine kernel."""
     module = sys.modules["kvkernels.decode_attention"]
     q, k, v = make(2, 2, 3, 40, 32, F16)
     calls = []
@@ -333,7 +334,7 @@ def test_no_in_kernel_merge_while_a_graph_is_captured(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("splits", [4, 5, 40])  # 40 ranges of 7 tokens: trailing ones empty
+@pytest.mark.parametrize("splits", [3, 4, 5, 40])  # 40 ranges of 7 tokens: trailing ones empty
 def test_in_kernel_merge_equals_combine_kernel(monkeypatch, splits):
     """The last program of each (batch, kv_head) merges the partials of its G query heads itself
     (DECODE_MERGE_IN_KERNEL): the same output and LSE as the separate combine kernel, both matching the reference,
