@@ -23,9 +23,9 @@ elements — and does only ~4·H_q·T·D flops, so it is **memory-bound**: the b
    bumps an atomic count per (batch, kv_head); the program that finds itself last merges that group's partials
    (all its query heads at once) and resets the count.  On an H100 this was up to 6% faster than a second,
    combine launch with 3, 4 and 16 splits (the most at the shortest calls; level with 3 splits at 16k tokens and
-   with 4 at 64k+), and up to 2.7% slower with 2 (``DECODE_MERGE_IN_KERNEL``).  Otherwise phase 2 is a second launch, which on Hopper
-   overlaps its start with phase 1 (programmatic dependent launch, ``kvkernels._utils.use_pdl``): that had saved
-   0.2–3.1 µs per call on 15 of 16 shapes.
+   with 4 at 64k+), and up to 2.7% slower with 2 (``DECODE_MERGE_IN_KERNEL``).  Otherwise phase 2 is a second
+   launch, which on Hopper overlaps its start with phase 1 (programmatic dependent launch,
+   ``kvkernels._utils.use_pdl``): that had saved 0.2–3.1 µs per call on 15 of 16 shapes.
 
 **GQA** (Ainslie et al. 2023): a phase-1 program owns one (batch, kv_head, split) and *all G query heads of that
 group*: the G queries form the rows of a ``[BLOCK_G, D]`` tile, so every K/V tile is loaded once for the whole
