@@ -404,6 +404,12 @@ def _combine_kernel(
 _COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
 
 
+def merge_block_s(splits: int) -> int:
+    """Partials one merge step holds (``BLOCK_S``): all ``splits`` of them (a power of two ≥ it), at most 32 —
+    for the combine kernel and the split kernel's in-kernel merge alike."""
+    return min(32, next_power_of_2(splits))
+
+
 def merge_rows(group: int, block_s: int, block_d: int) -> int:
     """Query heads the in-kernel merge takes per step: all ``group`` of them (a power of two ≥ it) while
     rows × ``block_s`` partials × ``block_d`` channels stay within ``MERGE_TILE`` fp32 values, else fewer."""
@@ -439,7 +445,7 @@ def launch_combine(mid_o: Tensor, mid_lse: Tensor, out: Tensor, lse: Tensor, *, 
     b, h_q, splits, d = mid_o.shape
     _combine_kernel[(h_q, b)](
         mid_o, mid_lse, out, lse, *out.stride(), splits,
-        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=min(32, next_power_of_2(splits)), WAIT=pdl,
+        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_S=merge_block_s(splits), WAIT=pdl,
         num_warps=4 if d >= 128 else 2, **({"launch_pdl": True} if pdl else {}),
     )
 
@@ -493,7 +499,7 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, 
     mask, sm = key_mask_args(key_mask, q)
     pdl = use_pdl(q.device) and not direct and not merge
     done = merge_counters(q.device, b * h_kv) if merge else mid_lse  # any pointer: not read without MERGE
-    block_s = min(32, next_power_of_2(splits))  # partials merged per step (combine kernel and in-kernel merge)
+    block_s = merge_block_s(splits)
     _split_kv_kernel[(splits, h_kv, b)](
         q, k, v, mask, q if seq_lens is None else seq_lens, mid_o, mid_lse, mid_lse if logits is None else logits,
         out, lse, done, *q.stride(), *k.stride(), *v.stride(), *sm,
