@@ -283,9 +283,11 @@ def _split_kv_kernel(
         if MERGE:  # the last of this (batch, kv_head)'s programs to finish merges the partials: no combine launch
             pair = b * tl.num_programs(1) + kvh
             if _last_to_arrive(Done + pair, num_splits, offs_g, FENCE):
+                offs_r = tl.arange(0, MERGE_ROWS)
                 for r0 in range(0, G, MERGE_ROWS):  # MERGE_ROWS query heads at a time, all their loads at once
-                    _merge_rows(MidO, MidLse, Out, Lse, b * h_q + kvh * G + r0, G - r0, num_splits,
-                                MERGE_ROWS, HEAD_DIM, BLOCK_D, BLOCK_S)
+                    out_rows = b * h_q + kvh * G + r0 + offs_r  # Out [B, H_q, D] contiguous
+                    _merge_rows(MidO, MidLse, Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :], Lse + out_rows,
+                                out_rows, (r0 + offs_r) < G, num_splits, MERGE_ROWS, HEAD_DIM, BLOCK_D, BLOCK_S, ".cg")
                 tl.store(Done + pair, 0)  # zero again for the next call
 
 
@@ -293,70 +295,39 @@ def _split_kv_kernel(
 # Phase 2: one program per (query head, batch) merges the num_splits partial results.
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_splits(MidO, MidLse, out_ptrs, lse_ptr, row, num_splits,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
-    """Merge the ``num_splits`` partials of partial row ``row`` (``MidO``/``MidLse`` at rows
-    ``row·num_splits + s``) into ``out_ptrs`` (``[BLOCK_D]`` pointers, the output's dtype) and the natural-log LSE
-    at ``lse_ptr``.  ``CACHE``: the loads' cache modifier — ``""`` (default), or ``".cg"`` (through L2 only) for
-    partials that other programs of the *same* launch wrote (L1 is not coherent between SMs)."""
+def _merge_rows(MidO, MidLse, out_ptrs, lse_ptrs, rows, r_ok, num_splits, BLOCK_R: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the ``num_splits`` partials of each partial row in ``rows`` (``[BLOCK_R]``; ``MidO``/``MidLse`` at
+    rows ``row·num_splits + s``; only where ``r_ok``) into ``out_ptrs`` (``[BLOCK_R, BLOCK_D]`` pointers, the
+    output's dtype) and the natural-log LSE at ``lse_ptrs`` (``[BLOCK_R]``), every load of a step issued together.
+    The combine kernel and KIVI's in-kernel merge take one row; the split kernel's in-kernel merge a KV head's G
+    query heads at once.
+    ``CACHE``: the loads' cache modifier — ``""`` (default), or ``".cg"`` (through L2 only) for partials that other
+    programs of the *same* launch wrote (L1 is not coherent between SMs).  (No default value: Triton 3.6's compiler
+    rejects a defaulted string constexpr in a helper.)"""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the L_s (a scalar)
-    den = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)  # running Σ e^{L_s - m}
-    acc = tl.zeros([BLOCK_D], tl.float32)  # running Σ e^{L_s - m} o_s
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = (s0 + offs_s) < num_splits
-        idx = row * num_splits + s0 + offs_s
-        lse = tl.load(MidLse + idx, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)  # [BLOCK_S] log2 units
-        o = tl.load(MidO + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                    other=0.0, cache_modifier=CACHE)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)  # [BLOCK_S]; 0 for empty splits
-        den = den * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m = m_new
-    has = den > 0.0
-    out = acc / tl.where(has, den, 1.0)
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=d_ok)
-    lse_nat = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr, lse_nat)
-
-
-@triton.jit
-def _merge_rows(MidO, MidLse, Out, Lse, row0, n_rows, num_splits, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """_merge_splits for rows row0 .. row0 + min(n_rows, BLOCK_R) − 1 at once (Out contiguous [*, HEAD_DIM]),
-    every load issued together; partials read through L2 (written by other programs of the same launch)."""
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    r_ok = offs_r < n_rows
-    d_ok = offs_d < HEAD_DIM
-    rows = row0 + offs_r
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max of the L_s
+    den = tl.zeros([BLOCK_R], tl.float32)  # running Σ e^{L_s - m}
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)  # running Σ e^{L_s - m} o_s
     for s0 in range(0, num_splits, BLOCK_S):
         ok = r_ok[:, None] & ((s0 + offs_s) < num_splits)[None, :]
         idx = rows[:, None] * num_splits + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
-        lse = tl.load(MidLse + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.load(MidLse + idx, mask=ok, other=float("-inf"), cache_modifier=CACHE)  # log2 units
         o = tl.load(MidO + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=CACHE)
         m_new = tl.maximum(m, tl.max(lse, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: avoid inf - inf
         alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe[:, None])
+        w = tl.exp2(lse - m_safe[:, None])  # 0 for empty splits
         den = den * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
         m = m_new
     has = den > 0.0
     out = acc / tl.where(has, den, 1.0)[:, None]
-    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + rows, tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf")),
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptrs, tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf")),
              mask=r_ok)
 
 
@@ -395,10 +366,10 @@ def _combine_kernel(
         gdc_wait()
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    row = b * tl.num_programs(0) + h
+    rows = b * tl.num_programs(0) + h + tl.arange(0, 1)  # this program's one row
     offs_d = tl.arange(0, BLOCK_D)
-    _merge_splits(MidO, MidLse, Out + b * stride_ob + h * stride_oh + offs_d * stride_od, Lse + row, row, num_splits,
-                  HEAD_DIM, BLOCK_D, BLOCK_S, "")
+    _merge_rows(MidO, MidLse, Out + b * stride_ob + h * stride_oh + offs_d[None, :] * stride_od, Lse + rows, rows,
+                rows >= 0, num_splits, 1, HEAD_DIM, BLOCK_D, BLOCK_S, "")
 
 
 _COUNTERS: dict[tuple[torch.device, int], Tensor] = {}

@@ -68,7 +68,7 @@ the unpack and the dot (shared-memory round trips, register moves) ate the savin
 
 Parallelism is split-KV (Flash-Decoding): program (split, query head, batch) handles a token range and writes a
 partial output with its log2-sum-exp, and the last of a (batch, head)'s programs to finish (an atomic count per head)
-merges them in the same launch (``decode_attention._merge_splits``, the body of the separate combine kernel, which
+merges them in the same launch (``decode_attention._merge_rows``, the body of the separate combine kernel, which
 ``KIVI_MERGE_IN_KERNEL = False`` launches instead): on an H100 2.6-5.4% faster at batch 1 with 16k-64k tokens,
 level within the run-to-run spread at 4k and from batch 4 up (kivi_experiments_h100-sxm.md, run 14).  In a CUDA
 graph, where the merge costs a memset per replay, only ranges of ``GRAPH_MERGE_MIN_TOKENS`` or more are merged in
@@ -99,7 +99,7 @@ from refimpl.quant import check_quant_args, codes_per_word, unpack_dequantize
 from ._utils import cdiv, check_launchable, interpreting, next_power_of_2, num_sms, use_pdl
 from .decode_attention import (
     _last_to_arrive,
-    _merge_splits,
+    _merge_rows,
     capturing,
     clamp_splits,
     launch_combine,
@@ -501,8 +501,9 @@ def _kivi_split_kernel(
             D: tl.constexpr = WORDS * CPW
             BLOCK_D: tl.constexpr = BLOCK_W * CPW
             offs_d = tl.arange(0, BLOCK_D)
-            _merge_splits(MidO, MidLse, Out + b * so_b + h * so_h + offs_d * so_d, Lse + head, head, num_splits,
-                          D, BLOCK_D, BLOCK_S, ".cg")
+            rows = head + tl.arange(0, 1)  # this head's one row
+            _merge_rows(MidO, MidLse, Out + b * so_b + h * so_h + offs_d[None, :] * so_d, Lse + rows, rows,
+                        rows >= 0, num_splits, 1, D, BLOCK_D, BLOCK_S, ".cg")
             tl.store(Done + head, 0)  # zero again for the next call
 
 
