@@ -71,6 +71,19 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device | str) -> str:
+    """The CUDA device's name (e.g. ``"NVIDIA H200"``), or ``""`` under the interpreter / on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return ""
+    return _cuda_name(_cuda_index(device))
+
+
 def num_sms(device: torch.device | str) -> int:
     """Streaming multiprocessors of ``device``; :data:`INTERPRETER_NUM_SMS` under the interpreter / on CPU."""
     device = torch.device(device)

@@ -57,7 +57,16 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from refimpl.attention import check_decode_inputs
 
-from ._utils import cdiv, check_launchable, compute_in_fp32, interpreting, next_power_of_2, num_sms, use_pdl
+from ._utils import (
+    cdiv,
+    check_launchable,
+    compute_in_fp32,
+    device_name,
+    interpreting,
+    next_power_of_2,
+    num_sms,
+    use_pdl,
+)
 
 __all__ = [
     "MAX_GROUP_SIZE",
@@ -67,6 +76,7 @@ __all__ = [
     "decode_attention",
     "default_config",
     "pipeline_stages",
+    "stages_for",
 ]
 
 MAX_GROUP_SIZE = 128  # query heads per KV head held as rows of one tile
@@ -85,6 +95,14 @@ MAX_GRID_YZ = 65535  # CUDA limit on grid dimensions 1 and 2 (kv_heads, batch)
 PROGRAMS_PER_SM = 1
 ONE_WAVE_STAGES = 3
 MANY_WAVES_STAGES = 2
+# A faster memory needs more bytes in flight per SM (Little's law: bandwidth × latency), so GPUs whose name contains
+# a key here get their own depths (one wave, many waves).  H200 (4.8 TB/s datasheet against the H100's 3.35), fp16,
+# side by side (benchmarks/results/decode_attention_h200.md): 4 stages instead of 3 in one wave were 3.3-4.8%
+# faster (batch 16 × 16k: 254.1 → 242.7 µs; batch 1 × 128k: 133.6 → 127.9 µs), 3 instead of 2 in several waves 5.6-6.4%
+# (batch 32 × 16k: 507.5 → 479.1 µs).  On an H100 those depths were 0.2-1.3% slower (4 stages in one wave,
+# decode_attention_repeats_h100-sxm.md, first section) and 0.6% slower (3 in several waves, batch 32 × 16k,
+# sweep_decode_attention_h100-sxm.md), so other GPUs keep the constants above.
+STAGES_BY_GPU: tuple[tuple[str, int, int], ...] = (("H200", 4, 3),)
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 128
 # With at least MERGE_MIN_SPLITS splits, the last program of each (batch, kv_head) to finish merges the partials of
@@ -139,12 +157,23 @@ def default_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     return DecodeConfig(block_n=block_n, num_warps=4)
 
 
-def pipeline_stages(config: DecodeConfig, programs: int, sms: int) -> int:
-    """``config.num_stages``, or if None: ``ONE_WAVE_STAGES`` when ``programs`` ≤ ``sms`` (one program per SM
-    must keep enough loads in flight on its own), else ``MANY_WAVES_STAGES``."""
+def stages_for(gpu: str) -> tuple[int, int]:
+    """Pipeline depths (one wave, many waves) for the GPU named ``gpu``: the first ``STAGES_BY_GPU`` entry whose key
+    is in the name, else ``(ONE_WAVE_STAGES, MANY_WAVES_STAGES)``."""
+    for key, one_wave, many_waves in STAGES_BY_GPU:
+        if key in gpu:
+            return one_wave, many_waves
+    return ONE_WAVE_STAGES, MANY_WAVES_STAGES
+
+
+def pipeline_stages(config: DecodeConfig, programs: int, sms: int, gpu: str = "") -> int:
+    """``config.num_stages``, or if None: the one-wave depth of :func:`stages_for` (``gpu``, a device name) when
+    ``programs`` ≤ ``sms`` (one program per SM must keep enough loads in flight on its own), else the many-waves
+    depth."""
     if config.num_stages is not None:
         return config.num_stages
-    return ONE_WAVE_STAGES if programs <= sms else MANY_WAVES_STAGES
+    one_wave, many_waves = stages_for(gpu)
+    return one_wave if programs <= sms else many_waves
 
 
 def choose_num_splits(batch: int, kv_heads: int, tokens: int, block_n: int, sms: int) -> int:
@@ -481,7 +510,7 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, 
         FENCE=merge and not interpreting(), BLOCK_S=block_s if merge else 16,  # (unused without MERGE: no respecializing)
         MERGE_ROWS=merge_rows(g, block_s, block_d) if merge else 1,
         num_warps=cfg.num_warps,
-        num_stages=pipeline_stages(cfg, splits * h_kv * b, sms),
+        num_stages=pipeline_stages(cfg, splits * h_kv * b, sms, device_name(q.device)),
     )
     if not direct and not merge:
         launch_combine(mid_o, mid_lse, out, lse, pdl=pdl)

@@ -30,6 +30,7 @@ from kvkernels.decode_attention import (
     default_config,
     merge_rows,
     pipeline_stages,
+    stages_for,
 )
 
 from refimpl.attention import decode_attention as ref_attention
@@ -292,6 +293,19 @@ def test_choose_num_splits_known_answers(args, want):
 def test_pipeline_stages_known_answers(programs, stages, want):
     """3 stages when every program has an SM to itself (132 here), 2 when they share; an explicit value wins."""
     assert pipeline_stages(DecodeConfig(num_stages=stages), programs, 132) == want
+    assert pipeline_stages(DecodeConfig(num_stages=stages), programs, 132, "NVIDIA H100 80GB HBM3") == want
+
+
+@pytest.mark.parametrize("programs,stages,want", [(132, None, 4), (133, None, 3), (8, 1, 1), (1000, 2, 2)])
+def test_pipeline_stages_on_h200(programs, stages, want):
+    """An H200 (faster memory: more bytes in flight) gets one stage more in each regime; an explicit value wins."""
+    assert pipeline_stages(DecodeConfig(num_stages=stages), programs, 132, "NVIDIA H200") == want
+
+
+@pytest.mark.parametrize("gpu,want", [("NVIDIA H200", (4, 3)), ("NVIDIA H200 NVL", (4, 3)),
+                                      ("NVIDIA H100 80GB HBM3", (3, 2)), ("", (3, 2)), ("NVIDIA A100-SXM4-80GB", (3, 2))])
+def test_stages_for_known_answers(gpu, want):
+    assert stages_for(gpu) == want
 
 
 def test_which_calls_launch_the_combine_kernel(monkeypatch):
