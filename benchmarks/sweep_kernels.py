@@ -4,7 +4,8 @@
   batch 1 / 4 / 8 / 32: tokens per tile × warps × register cap × split count (8 … 256 programs per SM),
   against fp16 SDPA on the same shape.
 * ``kvkernels.decode_attention`` (H_q = 32, H_kv = 8, D = 128, fp16) on the shapes where it trailed SDPA:
-  tile × pipeline stages × split count (about 1 and 2 programs per SM).
+  tile × pipeline stages (2-4; an H200 wanted one more than an H100, ``STAGES_BY_GPU``) × split count (about 1
+  and 2 programs per SM).
 
 Every row is timed in this run (median of ``--reps`` calls, L2 flushed before each, ``common.time_cuda``); the
 fastest configuration per shape is marked.  ``default_config`` / ``choose_num_splits`` / ``choose_kivi_splits`` are set
@@ -113,7 +114,7 @@ def sweep_decode(copy_bw: float, reps: int, shapes=((1, 4096), (1, 16384), (1, 1
         per_sm = sorted({max(1, min(f(n * sms / (b * H_KV)), 128)) for n, f in ((1, int), (1, round), (2, round))})
         configs = [({"block_n": bn, "num_stages": ns}, DecodeConfig(block_n=bn, num_warps=4, num_stages=ns),
                     choose_num_splits(b, H_KV, t, bn, sms), per_sm)
-                   for bn, ns in itertools.product((64, 128), (2, 3))]
+                   for bn, ns in itertools.product((64, 128), (2, 3, 4))]
         _time_configs(table, f"decode B={b} T={t}", configs,
                       functools.partial(decode_attention, q, k, v),
                       reps, bytes_moved(b, t, 2), copy_bw, sdpa, "× vs SDPA best", B=b, T=t)

@@ -404,10 +404,12 @@ def _combine_kernel(
 _COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
 
 
-def merge_block_s(splits: int) -> int:
-    """Partials one merge step holds (``BLOCK_S``): all ``splits`` of them (a power of two ≥ it), at most 32 —
-    for the combine kernel and the split kernel's in-kernel merge alike."""
-    return min(32, next_power_of_2(splits))
+def merge_block_s(splits: int, most: int = 32) -> int:
+    """Partials one merge step holds (``BLOCK_S``): all ``splits`` of them (a power of two ≥ it), at most ``most`` —
+    32 for the combine kernel and the split kernel's in-kernel merge; the one-warp KIVI kernel passes 16."""
+    if most < 1 or most & (most - 1):
+        raise ValueError(f"most must be a power of two >= 1, got {most}")
+    return min(most, next_power_of_2(splits))
 
 
 def merge_rows(group: int, block_s: int, block_d: int) -> int:

@@ -103,6 +103,7 @@ from .decode_attention import (
     capturing,
     clamp_splits,
     launch_combine,
+    merge_block_s,
     merge_counters,
 )
 
@@ -519,6 +520,9 @@ KIVI_MERGE_IN_KERNEL = True
 # (96 and 256 per range) 0.927 and 0.993; batch 8 with 4k (480) 0.978; batch 4 and 8 with 32k (1024) 0.995 and
 # 0.996 (this rule's one loss: 0.4-0.5%).
 GRAPH_MERGE_MIN_TOKENS = 512
+# Partials one step of the in-kernel merge holds (the split-KV kernel's merge holds up to 32): at 16 the one warp
+# holds a step's 16 x D fp32 partials in D / 2 registers per lane.
+KIVI_MERGE_BLOCK_S = 16
 
 
 def _stand_ins(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -663,7 +667,7 @@ def kivi_decode_attention(q: Tensor, k_codes: Tensor | None, k_scale: Tensor | N
         GQ=h_q // h_kv, WORDS=words, BLOCK_W=next_power_of_2(words), CPW=f, BITS=bits, G=group_size,
         WPG=group_size // f, BLOCK_T=bt, K_K=K_KEY, K_V=K_VAL, LAUNCH_DEPS=pdl,
         L2_AHEAD=0 if interpreting() else l2_prefetch_tokens(splits * h_q * b, sms),
-        MERGE=merge, FENCE=merge and not interpreting(), BLOCK_S=min(16, next_power_of_2(splits)),
+        MERGE=merge, FENCE=merge and not interpreting(), BLOCK_S=merge_block_s(splits, KIVI_MERGE_BLOCK_S),
         num_warps=cfg.num_warps, num_stages=1,
         **({} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}),
     )

@@ -28,6 +28,7 @@ from kvkernels.decode_attention import (
     choose_num_splits,
     decode_attention,
     default_config,
+    merge_block_s,
     merge_rows,
     pipeline_stages,
     stages_for,
@@ -306,6 +307,18 @@ def test_pipeline_stages_on_h200(programs, stages, want):
                                       ("NVIDIA H100 80GB HBM3", (3, 2)), ("", (3, 2)), ("NVIDIA A100-SXM4-80GB", (3, 2))])
 def test_stages_for_known_answers(gpu, want):
     assert stages_for(gpu) == want
+
+
+@pytest.mark.parametrize("splits,most,want", [(1, 32, 1), (3, 32, 4), (17, 32, 32), (100, 32, 32), (17, 16, 16),
+                                               (5, 16, 8)])
+def test_merge_block_s_known_answers(splits, most, want):
+    assert merge_block_s(splits, most) == want
+
+
+@pytest.mark.parametrize("most", [0, 12])
+def test_merge_block_s_rejects_a_cap_that_is_not_a_power_of_two(most):
+    with pytest.raises(ValueError, match="most must be a power of two"):
+        merge_block_s(4, most)
 
 
 def test_which_calls_launch_the_combine_kernel(monkeypatch):
