@@ -18,7 +18,7 @@ import sys
 import kvkernels.kivi_attention as kivi_attention_module
 import pytest
 import torch
-from kvkernels._utils import kernel_device
+from kvkernels._utils import cdiv, kernel_device
 from kvkernels.kivi_attention import (
     KIVI_L2_PREFETCH_TOKENS,
     KIVIDecodeConfig,
@@ -196,13 +196,35 @@ def test_scale_argument():
 
 
 @pytest.mark.parametrize("args,want", [
-    ((1, 32, 32832, 8, 132), 66),  # batch 1: 16 programs per SM → cdiv(16·132, 32) = 66 splits
-    ((32, 32, 32832, 8, 132), 33),  # batch 32: ≤ 1024 tokens per split → cdiv(32832, 1024) = 33
+    ((1, 32, 32832, 8, 132), 66),  # batch 1: one wave of 16 programs per SM = 2112 programs → 66 splits
+    ((4, 32, 4160, 8, 132), 16),  # one wave: 2112 // 128 = 16 (rounding up, 17, would add a sliver of a wave)
+    ((4, 32, 32832, 8, 132), 33),  # 2 waves of ~1024-token ranges: 2·2112 // 128 = 33
+    ((8, 32, 65600, 8, 132), 66),  # 8 waves of ~1000-token ranges
+    ((32, 32, 32832, 8, 132), 33),  # 16 waves: 16·2112 // 1024 = 33
+    ((32, 32, 65600, 8, 132), 63),  # round(31.06) = 31 waves: 31·2112 // 1024 = 63
+    ((128, 32, 64, 8, 132), 1),  # more heads than a wave holds: one range each
     ((1, 1, 40, 8, 132), 3),  # only 5 tiles: at least 2 tiles per split
     ((1, 1, 1 << 24, 8, 132), 128),  # capped at MAX_SPLITS
 ])
 def test_choose_kivi_splits_known_answers(args, want):
     assert choose_kivi_splits(*args) == want
+
+
+@pytest.mark.parametrize("sms", [132, 78, 7])
+def test_choose_kivi_splits_fills_whole_waves(sms):
+    """The launch ends on a full wave (16 programs per SM): one more split per head would overflow it."""
+    wave = 16 * sms
+    for batch in (1, 2, 3, 4, 5, 8, 13, 16, 32):
+        for heads_per in (8, 32):
+            heads = batch * heads_per
+            if heads > wave:
+                continue
+            for tokens in (4160, 8256, 16448, 32832, 65600, 131136):
+                splits = choose_kivi_splits(batch, heads_per, tokens, 8, sms)
+                if splits == 128:  # MAX_SPLITS
+                    continue
+                waves = cdiv(splits * heads, wave)
+                assert (splits + 1) * heads > waves * wave, (batch, heads_per, tokens, splits)
 
 
 def test_bad_arguments_name_the_parameter():
